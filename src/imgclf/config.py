@@ -1,0 +1,597 @@
+"""Typed configuration: dataclass schema, YAML recipes, ``KEY VALUE`` overrides.
+
+Key names are the reference README's (``train.base_lr``, ``model.resnet_preact.depth``,
+``augmentation.use_cutout`` ...), so its commands run unchanged. Every value is
+checked against the schema's type; unknown keys name the closest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad recipe, override or value; the message is one line naming it."""
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass
+class DatasetConfig:
+    name: str = "CIFAR10"  # digits | MNIST | FashionMNIST | KMNIST | CIFAR10 | CIFAR100
+    dataset_dir: str = ""  # explicit folder; empty = <data_root>/<dataset>
+    image_size: int = 0  # 0 = the dataset's own size
+    n_channels: int = 0  # 0 = the dataset's own
+    n_classes: int = 0  # 0 = the dataset's own
+
+
+@dataclass
+class VGGConfig:
+    n_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    n_layers: list[int] = field(default_factory=lambda: [2, 2, 3, 3])
+    use_bn: bool = True
+
+
+@dataclass
+class ResNetConfig:
+    depth: int = 110
+    n_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # ImageNet-style, unused for CIFAR
+    block_type: str = "basic"
+    initial_channels: int = 16
+
+
+@dataclass
+class ResNetPreActConfig:
+    depth: int = 110
+    n_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    block_type: str = "basic"
+    initial_channels: int = 16
+    remove_first_relu: bool = False
+    add_last_bn: bool = False
+    preact_stage: list[bool] = field(default_factory=lambda: [True, True, True])
+
+
+@dataclass
+class SEResNetPreActConfig:
+    depth: int = 110
+    initial_channels: int = 16
+    se_reduction: int = 16
+    block_type: str = "basic"
+    remove_first_relu: bool = False
+    add_last_bn: bool = False
+    preact_stage: list[bool] = field(default_factory=lambda: [True, True, True])
+
+
+@dataclass
+class WRNConfig:
+    depth: int = 28
+    initial_channels: int = 16
+    widening_factor: int = 10
+    drop_rate: float = 0.0
+
+
+@dataclass
+class DenseNetConfig:
+    depth: int = 100
+    n_blocks: list[int] = field(default_factory=lambda: [6, 12, 24, 16])
+    block_type: str = "bottleneck"
+    growth_rate: int = 12
+    drop_rate: float = 0.0
+    compression_rate: float = 0.5
+
+
+@dataclass
+class PyramidNetConfig:
+    depth: int = 272
+    n_blocks: list[int] = field(default_factory=lambda: [3, 24, 36, 3])
+    initial_channels: int = 16
+    block_type: str = "bottleneck"
+    alpha: int = 200
+
+
+@dataclass
+class ResNeXtConfig:
+    depth: int = 29
+    n_blocks: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
+    initial_channels: int = 64
+    cardinality: int = 8
+    base_channels: int = 64
+
+
+@dataclass
+class ShakeShakeConfig:
+    depth: int = 26
+    initial_channels: int = 96
+    shake_forward: bool = True
+    shake_backward: bool = True
+    shake_image: bool = True
+
+
+@dataclass
+class ModelConfig:
+    type: str = "cifar"
+    name: str = "resnet_preact"
+    init_mode: str = "kaiming_fan_out"
+    vgg: VGGConfig = field(default_factory=VGGConfig)
+    resnet: ResNetConfig = field(default_factory=ResNetConfig)
+    resnet_preact: ResNetPreActConfig = field(default_factory=ResNetPreActConfig)
+    se_resnet_preact: SEResNetPreActConfig = field(default_factory=SEResNetPreActConfig)
+    wrn: WRNConfig = field(default_factory=WRNConfig)
+    densenet: DenseNetConfig = field(default_factory=DenseNetConfig)
+    pyramidnet: PyramidNetConfig = field(default_factory=PyramidNetConfig)
+    resnext: ResNeXtConfig = field(default_factory=ResNeXtConfig)
+    shake_shake: ShakeShakeConfig = field(default_factory=ShakeShakeConfig)
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    init_method: str = "env://"
+    world_size: int = -1  # kept for the reference README's configs; env:// decides
+    node_rank: int = -1
+    local_rank: int = 0
+    use_sync_bn: bool = False
+
+
+@dataclass
+class DataLoaderConfig:
+    # The reference README's DataLoader knobs; data lives on the device here, so
+    # only drop_last has an effect. The others are accepted for compatibility.
+    num_workers: int = 2
+    drop_last: bool = True
+    pin_memory: bool = False
+    non_blocking: bool = False
+
+
+@dataclass
+class TrainConfig:
+    checkpoint: str = ""
+    resume: bool = False
+    use_apex: bool = False  # accepted for compatibility; precision decides
+    precision: str = "fp32"  # fp32 | amp | bf16 | fp16 | O0 | O1 | O2 | O3
+    batch_size: int = 128
+    subdivision: int = 1
+    optimizer: str = "sgd"  # sgd | adam | amsgrad | lars
+    base_lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    no_weight_decay_on_bn: bool = False
+    gradient_clip: float = 0.0
+    start_epoch: int = 0
+    seed: int = 0
+    val_first: bool = False
+    val_period: int = 1
+    val_ratio: float = 0.0
+    use_test_as_val: bool = True
+    output_dir: str = ""
+    log_period: int = 100
+    checkpoint_period: int = 1
+    use_tensorboard: bool = False
+    channels_last: bool = True
+    compile: bool = False
+    distributed: bool = False
+    dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+@dataclass
+class AdamConfig:
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class LARSConfig:
+    eps: float = 1e-9
+    threshold: float = 1e-2
+
+
+@dataclass
+class OptimConfig:
+    adam: AdamConfig = field(default_factory=AdamConfig)
+    lars: LARSConfig = field(default_factory=LARSConfig)
+
+
+@dataclass
+class WarmupConfig:
+    type: str = "none"  # none | linear | exponential
+    epochs: int = 0
+    start_factor: float = 1e-3
+    exponent: float = 4.0
+
+
+@dataclass
+class SchedulerConfig:
+    epochs: int = 160
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    type: str = "multistep"  # constant | multistep | linear | cosine | sgdr
+    milestones: list[int] = field(default_factory=lambda: [80, 120])
+    lr_decay: float = 0.1
+    lr_min_factor: float = 0.001
+    T0: int = 10
+    T_mul: float = 1.0
+
+
+@dataclass
+class ValidationConfig:
+    batch_size: int = 1024
+    dataloader: DataLoaderConfig = field(default_factory=lambda: DataLoaderConfig(drop_last=False))
+
+
+@dataclass
+class RandomCropConfig:
+    padding: int = 4
+    fill: int = 0
+    padding_mode: str = "constant"
+
+
+@dataclass
+class FlipConfig:
+    prob: float = 0.5
+
+
+@dataclass
+class CutoutConfig:
+    prob: float = 1.0
+    mask_size: int = 16
+    cut_inside: bool = False
+    mask_color: int = 0
+    dual_cutout_alpha: float = 0.1
+
+
+@dataclass
+class RandomErasingConfig:
+    prob: float = 0.5
+    area_ratio_range: list[float] = field(default_factory=lambda: [0.02, 0.4])
+    min_aspect_ratio: float = 0.3
+    max_attempt: int = 20
+
+
+@dataclass
+class MixupConfig:
+    alpha: float = 1.0
+
+
+@dataclass
+class RICAPConfig:
+    beta: float = 0.3
+
+
+@dataclass
+class CutMixConfig:
+    alpha: float = 1.0
+
+
+@dataclass
+class LabelSmoothingConfig:
+    epsilon: float = 0.1
+
+
+@dataclass
+class AugmentationConfig:
+    use_random_crop: bool = True
+    use_random_horizontal_flip: bool = True
+    use_cutout: bool = False
+    use_random_erasing: bool = False
+    use_dual_cutout: bool = False
+    use_mixup: bool = False
+    use_ricap: bool = False
+    use_cutmix: bool = False
+    use_label_smoothing: bool = False
+    random_crop: RandomCropConfig = field(default_factory=RandomCropConfig)
+    random_horizontal_flip: FlipConfig = field(default_factory=FlipConfig)
+    cutout: CutoutConfig = field(default_factory=CutoutConfig)
+    random_erasing: RandomErasingConfig = field(default_factory=RandomErasingConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    ricap: RICAPConfig = field(default_factory=RICAPConfig)
+    cutmix: CutMixConfig = field(default_factory=CutMixConfig)
+    label_smoothing: LabelSmoothingConfig = field(default_factory=LabelSmoothingConfig)
+
+
+@dataclass
+class Config:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data_root: str = ""  # empty = $IMGCLF_DATA_ROOT, else ./resources/data
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRECISION_ALIASES = {"O0": "fp32", "O1": "amp", "O2": "fp16_master", "O3": "fp16"}
+PRECISIONS = ("fp32", "amp", "bf16", "fp16", "fp16_master")
+DATASET_NAMES = ("digits", "MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
+# The registry's names, kept here so that planning a workflow never imports torch
+# (a test checks that they equal imgclf.models.names()).
+MODEL_NAMES = ("densenet", "pyramidnet", "resnet", "resnet_preact", "resnext", "se_resnet_preact",
+               "shake_shake", "vgg", "wrn")
+MIXERS = ("use_mixup", "use_cutmix", "use_ricap")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset.name": DATASET_NAMES,
+    "train.precision": PRECISIONS + tuple(PRECISION_ALIASES),
+    "train.optimizer": ("sgd", "adam", "amsgrad", "lars"),
+    "scheduler.type": ("constant", "multistep", "linear", "cosine", "sgdr"),
+    "scheduler.warmup.type": ("none", "linear", "exponential"),
+    "augmentation.random_crop.padding_mode": ("constant", "edge", "reflect"),
+    "model.resnet.block_type": ("basic", "bottleneck"),
+    "model.resnet_preact.block_type": ("basic", "bottleneck"),
+    "model.se_resnet_preact.block_type": ("basic", "bottleneck"),
+    "model.densenet.block_type": ("basic", "bottleneck"),
+    "model.pyramidnet.block_type": ("basic", "bottleneck"),
+    "train.dist.backend": ("auto", "nccl", "gloo"),
+}
+
+
+# --------------------------------------------------------------------------- helpers
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the schema."""
+    keys = []
+    for name, hint in _hints(cls).items():
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            keys += all_keys(hint, key + ".")
+        else:
+            keys.append(key)
+    return keys
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{where}unknown config key '{key}'{hint}")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Check (and minimally widen) a value against its schema type."""
+    origin = typing.get_origin(hint)
+    bad = ConfigError(f"{where}{key}: expected {_type_name(hint)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, item, key, where) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad  # pragma: no cover - schema only uses the types above
+
+
+def parse_scalar(text: str) -> Any:
+    """A command-line value, read as YAML (``True``, ``0.2``, ``'[1, 2]'``, ``[80, 120]``)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def set_key(cfg: Config, key: str, value: Any, where: str = "") -> None:
+    node: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            raise _unknown(key, where)
+        hint = _hints(type(node))[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(hint):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{where}{key}: expected a mapping of sub-keys, got {value!r}")
+                for k, v in value.items():
+                    set_key(cfg, f"{key}.{k}", v, where)
+                return
+            setattr(node, part, _coerce(value, hint, key, where))
+        else:
+            node = getattr(node, part)
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if not hasattr(node, part):
+            raise _unknown(key, "")
+        node = getattr(node, part)
+    return node
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``KEY VALUE KEY VALUE`` or ``KEY=VALUE`` (mixable) -> {key: value}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if "=" in arg and not arg.startswith("-"):
+            key, text = arg.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '{arg}' has no value; write KEY VALUE or KEY=VALUE")
+            key, text = arg, args[i + 1]
+            i += 2
+        out[key] = parse_scalar(text)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def build(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Schema defaults <- recipe file <- overrides, then validated."""
+    cfg = Config()
+    if recipe is not None:
+        for key, value in _flatten(load_yaml(recipe)).items():
+            set_key(cfg, key, value, where=f"{recipe}: ")
+    for key, value in (overrides or {}).items():
+        set_key(cfg, key, value, where="override ")
+    validate(cfg)
+    return cfg
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    cfg = Config()
+    for key, value in _flatten(d).items():
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Choices, ranges and combinations the type system cannot express."""
+    for key, choices in CHOICES.items():
+        value = get_key(cfg, key)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.4)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}{hint}")
+    if cfg.model.name not in MODEL_NAMES:
+        close = difflib.get_close_matches(cfg.model.name, MODEL_NAMES, n=1, cutoff=0.4)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"model.name: '{cfg.model.name}' is not one of {', '.join(MODEL_NAMES)}{hint}")
+    positive = {
+        "train.batch_size": cfg.train.batch_size,
+        "train.base_lr": cfg.train.base_lr,
+        "train.subdivision": cfg.train.subdivision,
+        "train.val_period": cfg.train.val_period,
+        "train.checkpoint_period": cfg.train.checkpoint_period,
+        "scheduler.epochs": cfg.scheduler.epochs,
+        "validation.batch_size": cfg.validation.batch_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    for key in ("train.weight_decay", "train.gradient_clip", "train.momentum", "scheduler.warmup.epochs"):
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {get_key(cfg, key)}")
+    if cfg.train.batch_size % cfg.train.subdivision:
+        raise ConfigError(
+            f"train.subdivision: {cfg.train.subdivision} does not divide train.batch_size {cfg.train.batch_size}"
+        )
+    if cfg.scheduler.warmup.epochs >= cfg.scheduler.epochs and cfg.scheduler.warmup.type != "none":
+        raise ConfigError(
+            f"scheduler.warmup.epochs: {cfg.scheduler.warmup.epochs} must be < scheduler.epochs {cfg.scheduler.epochs}"
+        )
+    aug = cfg.augmentation
+    mixers = [m for m in MIXERS if getattr(aug, m)]
+    if len(mixers) > 1:
+        raise ConfigError(
+            "augmentation: " + " and ".join(mixers) + " cannot be combined; a batch has one mixer (pick one)"
+        )
+    if aug.use_dual_cutout and (mixers or aug.use_cutout):
+        other = mixers[0] if mixers else "use_cutout"
+        raise ConfigError(f"augmentation.use_dual_cutout cannot be combined with augmentation.{other}")
+    for key in ("cutout.prob", "random_erasing.prob", "random_horizontal_flip.prob"):
+        p = get_key(aug, key)
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"augmentation.{key}: must be in [0, 1], got {p}")
+    if not 0.0 <= aug.label_smoothing.epsilon < 1.0:
+        raise ConfigError(f"augmentation.label_smoothing.epsilon: must be in [0, 1), got {aug.label_smoothing.epsilon}")
+    lo, hi = (aug.random_erasing.area_ratio_range + [0, 0])[:2]
+    if len(aug.random_erasing.area_ratio_range) != 2 or not 0 < lo <= hi <= 1:
+        raise ConfigError(
+            f"augmentation.random_erasing.area_ratio_range: expected [low, high] with 0 < low <= high <= 1, "
+            f"got {aug.random_erasing.area_ratio_range}"
+        )
+    for key in ("mixup.alpha", "cutmix.alpha", "ricap.beta"):
+        if get_key(aug, key) <= 0:
+            raise ConfigError(f"augmentation.{key}: must be > 0, got {get_key(aug, key)}")
+    if aug.cutout.mask_size <= 0:
+        raise ConfigError(f"augmentation.cutout.mask_size: must be > 0, got {aug.cutout.mask_size}")
+    if cfg.scheduler.type == "multistep" and sorted(cfg.scheduler.milestones) != cfg.scheduler.milestones:
+        raise ConfigError(f"scheduler.milestones: must be increasing, got {cfg.scheduler.milestones}")
+
+
+def precision(cfg: Config) -> str:
+    """The canonical precision name (apex's O0..O3 mapped)."""
+    return PRECISION_ALIASES.get(cfg.train.precision, cfg.train.precision)
+
+
+# Keys that do not change what is computed: left out of the run hash.
+NON_SEMANTIC = ("train.seed", "train.output_dir", "train.resume", "train.checkpoint", "data_root",
+                "dataset.dataset_dir", "device", "train.log_period", "train.use_tensorboard",
+                "train.checkpoint_period", "train.dataloader", "validation.dataloader", "train.use_apex",
+                "train.dist.local_rank", "train.dist.node_rank", "train.dist.world_size")
+
+
+def config_hash(cfg: Config, length: int = 8) -> str:
+    """A short hash of everything that decides the result, seed and paths excluded."""
+    flat = _flatten(cfg.to_dict())
+    kept = {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in NON_SEMANTIC)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:length]
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    from imgclf.utils import atomic_write_text
+
+    atomic_write_text(path, to_yaml(cfg))
+
+
+def diff(cfg: Config, base: Config | None = None) -> dict[str, Any]:
+    """Dotted keys whose values differ from ``base`` (default: the schema defaults)."""
+    a, b = _flatten(cfg.to_dict()), _flatten((base or Config()).to_dict())
+    return {k: v for k, v in a.items() if b.get(k) != v}
+

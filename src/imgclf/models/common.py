@@ -1,0 +1,32 @@
+"""Pieces shared by the model families."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+def initialize_weights(model: nn.Module) -> None:
+    """He et al. initialization as the papers use: Kaiming normal (fan_out) convs,
+    BN weight 1 / bias 0, zero biases."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+def blocks_per_stage(depth: int, block_type: str, n_stages: int = 3, family: str = "model") -> int:
+    """CIFAR-style depth = n_stages * n_blocks * layers_per_block + 2."""
+    per_block = {"basic": 2, "bottleneck": 3}[block_type]
+    n, rem = divmod(depth - 2, n_stages * per_block)
+    if rem or n < 1:
+        valid = ", ".join(str(n_stages * per_block * k + 2) for k in (1, 2, 3, 9, 18))
+        raise ValueError(
+            f"model.{family}.depth: {depth} does not fit block_type '{block_type}' "
+            f"(need depth = {n_stages * per_block}n + 2, e.g. {valid})"
+        )
+    return n
