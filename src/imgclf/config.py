@@ -6,8 +6,10 @@ checked against the schema's type; unknown keys name the closest valid key.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import typing
@@ -336,8 +338,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 # --------------------------------------------------------------------------- helpers
+@functools.lru_cache(maxsize=None)
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -406,7 +414,7 @@ def set_key(cfg: Config, key: str, value: Any, where: str = "") -> None:
     node: Any = cfg
     parts = key.split(".")
     for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+        if not dataclasses.is_dataclass(node) or part not in _field_names(type(node)):
             raise _unknown(key, where)
         hint = _hints(type(node))[part]
         if i == len(parts) - 1:
@@ -463,6 +471,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
+    st = path.stat()
+    return copy.deepcopy(_load_yaml(str(path), st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=256)
+def _load_yaml(name: str, _mtime: int, _size: int) -> dict[str, Any]:
+    """Parsed once per file version: planning reads each recipe for hundreds of rows."""
+    path = Path(name)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -497,13 +513,15 @@ def from_dict(d: dict[str, Any]) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Choices, ranges and combinations the type system cannot express."""
+    """Choices, ranges and combinations the type system cannot express. Normalizes aliases
+    (apex's O0..O3) so equal computations hash equally."""
     for key, choices in CHOICES.items():
         value = get_key(cfg, key)
         if value not in choices:
             close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.4)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}{hint}")
+    cfg.train.precision = PRECISION_ALIASES.get(cfg.train.precision, cfg.train.precision)
     if cfg.model.name not in MODEL_NAMES:
         close = difflib.get_close_matches(cfg.model.name, MODEL_NAMES, n=1, cutoff=0.4)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -570,7 +588,7 @@ def precision(cfg: Config) -> str:
 NON_SEMANTIC = ("train.seed", "train.output_dir", "train.resume", "train.checkpoint", "data_root",
                 "dataset.dataset_dir", "device", "train.log_period", "train.use_tensorboard",
                 "train.checkpoint_period", "train.dataloader", "validation.dataloader", "train.use_apex",
-                "train.dist.local_rank", "train.dist.node_rank", "train.dist.world_size")
+                "train.dist.local_rank", "train.dist.node_rank")
 
 
 def config_hash(cfg: Config, length: int = 8) -> str:

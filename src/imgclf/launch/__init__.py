@@ -1,0 +1,178 @@
+"""Launching a training run: ``debug`` (in-process), ``local`` (submitit's local executor,
+N tasks = N DDP ranks) or ``slurm`` (submitit on SLURM, one task per GPU).
+
+Every launcher runs the same checkpointable callable, :class:`TrainJob`, on a run
+directory that already holds its resolved ``config.yaml``. submitit is imported
+lazily so ``imgclf train`` needs only torch, torchvision, numpy and pyyaml.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+LAUNCHERS = ("debug", "local", "slurm")
+
+
+@dataclass
+class Resources:
+    """What one training job asks of the cluster (per row, with profile defaults)."""
+
+    gpus: int = 0  # per node; 0 = CPU job. DDP ranks = nodes * max(gpus, tasks)
+    nodes: int = 1
+    tasks: int = 1  # per node, for CPU DDP (gloo); with GPUs, tasks = gpus
+    cpus_per_task: int = 2
+    mem_gb: float = 8
+    time_min: int = 60
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    signal_delay_s: int = 90
+    max_requeues: int = 3
+    extra: dict[str, Any] = field(default_factory=dict)  # more sbatch options (submitit's slurm_additional_parameters)
+
+    @property
+    def tasks_per_node(self) -> int:
+        return self.gpus if self.gpus > 0 else self.tasks
+
+
+class TrainJob:
+    """The submitted callable. On SLURM's warning signal submitit calls :meth:`checkpoint`:
+    training runs in a worker thread, so the handler can ask it to stop at the next step
+    boundary, wait for the checkpoint, and hand submitit the same job to requeue."""
+
+    def __init__(self, run_dir: str | Path, progress: bool = False):
+        self.run_dir = str(Path(run_dir).resolve())
+        self.progress = progress
+        self._stop: threading.Event | None = None
+        self._saved: threading.Event | None = None
+
+    def __getstate__(self):  # events are per process, never pickled
+        return {"run_dir": self.run_dir, "progress": self.progress}
+
+    def __setstate__(self, state):
+        self.__init__(state["run_dir"], state["progress"])
+
+    def __call__(self) -> dict[str, Any]:
+        from imgclf.engine import trainer
+
+        _export_distributed_env()
+        self._stop, self._saved = threading.Event(), threading.Event()
+        box: dict[str, Any] = {}
+
+        def work():
+            try:
+                t = trainer.Trainer(self.run_dir, progress=self.progress, stop_event=self._stop,
+                                    saved_event=self._saved)
+                t.resume()
+                box["result"] = t.fit()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the submitting thread
+                box["error"] = e
+            finally:
+                self._saved.set()  # never leave a stop request waiting on a thread that has ended
+                import torch.distributed as dist
+
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+
+        thread = threading.Thread(target=work, name="imgclf-train", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(timeout=0.5)  # short joins keep the main thread responsive to signals
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        if self._stop is not None:
+            self._stop.set()
+            if not self._saved.wait(timeout=120):
+                log.warning("%s: no checkpoint within 120 s of the stop request; resuming from the last one",
+                            self.run_dir)
+        return submitit.helpers.DelayedSubmission(TrainJob(self.run_dir, self.progress))
+
+
+def _export_distributed_env() -> None:
+    """Under submitit with several tasks, export RANK/WORLD_SIZE/MASTER_* for env:// init."""
+    if "WORLD_SIZE" in os.environ:  # torchrun already did
+        return
+    if not (os.environ.get("SUBMITIT_LOCAL_JOB_ID") or os.environ.get("SLURM_JOB_ID")):
+        return
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export()
+    except RuntimeError:
+        pass
+
+
+def _submitit_executor(launcher: str, folder: Path, res: Resources):
+    import submitit
+
+    if launcher == "local":
+        ex = submitit.LocalExecutor(folder=str(folder))
+        ex.update_parameters(timeout_min=res.time_min, tasks_per_node=res.tasks_per_node,
+                             gpus_per_node=res.gpus, signal_delay_s=min(res.signal_delay_s, 30))
+        return ex
+    ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=res.max_requeues)
+    params: dict[str, Any] = {
+        "timeout_min": res.time_min, "nodes": res.nodes, "tasks_per_node": res.tasks_per_node,
+        "cpus_per_task": res.cpus_per_task, "mem_gb": res.mem_gb, "slurm_signal_delay_s": res.signal_delay_s,
+    }
+    if res.gpus:
+        params["gpus_per_node"] = res.gpus
+    if res.partition:
+        params["slurm_partition"] = res.partition
+    if res.account:
+        params["slurm_account"] = res.account
+    if res.qos:
+        params["slurm_qos"] = res.qos
+    if res.extra:
+        params["slurm_additional_parameters"] = dict(res.extra)
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit(run_dir: str | Path, launcher: str = "debug", resources: Resources | None = None,
+           job_name: str = "imgclf"):
+    """Start training the run in ``run_dir``; returns a submitit Job (or None for debug)."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher: '{launcher}' is not one of {', '.join(LAUNCHERS)}")
+    run_dir = Path(run_dir)
+    if launcher == "debug":
+        return None
+    res = resources or Resources()
+    ex = _submitit_executor(launcher, run_dir / "submitit", res)
+    ex.update_parameters(name=job_name)
+    return ex.submit(TrainJob(run_dir))
+
+
+def run(run_dir: str | Path, launcher: str = "debug", resources: Resources | None = None,
+        job_name: str = "imgclf", progress: bool | None = None) -> dict[str, Any]:
+    """Train to completion through ``launcher`` and return the result; a failed job raises
+    with the job's own error and the path of its log."""
+    if launcher == "debug":
+        from imgclf.engine import train
+
+        return train(run_dir, progress=progress)
+    job = submit(run_dir, launcher, resources, job_name)
+    log.info("%s: submitted %s job %s", run_dir, launcher, job.job_id)
+    try:
+        return job.result()
+    except Exception as e:
+        paths = getattr(job, "paths", None)
+        where = f" (job {job.job_id}; log {paths.stderr})" if paths is not None else f" (job {job.job_id})"
+        raise RuntimeError(f"{run_dir}: training failed{where}: {_last_line(e)}") from e
+
+
+def _last_line(e: Exception) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__

@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from imgclf import config as C
+from imgclf.runs import run_id
 
 ROW_KEYS = {"id", "label", "recipe", "overrides", "cells", "resources", "reported", "train", "seeds"}
 TABLE_KEYS = {"title", "seeds", "columns", "notes", "rows", "description"}
 REPORTED_KEYS = {"result", "result_text", "paper", "epochs", "time", "hardware"}
-RESOURCE_KEYS = {"gpus", "nodes", "time_min", "mem_gb", "cpus_per_task", "partition"}
+RESOURCE_KEYS = {"gpus", "nodes", "tasks", "time_min", "mem_gb", "cpus_per_task", "partition"}
 _ID = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 
 
@@ -72,15 +73,6 @@ class Table:
 def _closest(key: str, valid: set[str]) -> str:
     close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-
-
-def _slug(cfg: C.Config) -> str:
-    dataset = cfg.dataset.name.lower()
-    return f"{dataset}-{cfg.model.name}"
-
-
-def run_id(cfg: C.Config) -> str:
-    return f"{_slug(cfg)}-{C.config_hash(cfg)}"
 
 
 def load(path: str | Path, recipes_dir: str | Path = "config/recipes") -> Table:
@@ -159,6 +151,10 @@ def _row(raw: Any, i: int, where: str, seen: set[str], table: Table, recipes_dir
         cfg = C.build(recipe, overrides)
     except C.ConfigError as e:
         raise SpecError(f"{at}{e}") from None
+    ranks = int(resources.get("nodes", 1) or 1) * int(resources.get("gpus", 0) or resources.get("tasks", 1) or 1)
+    if ranks > 1:
+        # BN statistics are per rank: N ranks is a different computation from one process.
+        cfg.train.dist.world_size = ranks
     row.config = cfg
     if train:
         row.run_id = run_id(cfg)

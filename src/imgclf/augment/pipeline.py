@@ -1,0 +1,89 @@
+"""The training and evaluation transforms, assembled from ``augmentation.*``.
+
+Order (as in the reference): random crop, flip, normalize, then cutout / random erasing
+on the normalized image (so cutout's fill 0 is the dataset mean), then a batch mixer
+(mixup | cutmix | ricap) producing soft targets. Label smoothing makes soft targets too,
+so one soft-target cross-entropy serves all of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from imgclf.config import AugmentationConfig
+
+from . import basic
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # float, normalized; (2N, ...) for dual-cutout
+    targets: torch.Tensor  # soft targets (N, K)
+    labels: torch.Tensor  # hard labels (N,): the dominant label, for training accuracy
+
+
+class TrainTransform:
+    def __init__(self, aug: AugmentationConfig, mean: list[float], std: list[float], n_classes: int,
+                 image_size: int, device: torch.device):
+        self.aug, self.n_classes = aug, n_classes
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device)
+        if (aug.use_cutout or aug.use_dual_cutout) and aug.cutout.mask_size > image_size:
+            raise ValueError(f"augmentation.cutout.mask_size {aug.cutout.mask_size} is larger than the "
+                             f"{image_size}x{image_size} images")
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> Batch:
+        from imgclf import losses
+
+        a = self.aug
+        x = images.float()
+        if a.use_random_crop:
+            x = basic.random_crop(x, padding=a.random_crop.padding, fill=float(a.random_crop.fill),
+                                  padding_mode=a.random_crop.padding_mode, generator=generator)
+        if a.use_random_horizontal_flip:
+            x = basic.horizontal_flip(x, prob=a.random_horizontal_flip.prob, generator=generator)
+        x = basic.normalize(x, self.mean, self.std)
+        if a.use_label_smoothing:
+            y = losses.smooth_targets(labels, self.n_classes, a.label_smoothing.epsilon)
+        else:
+            y = losses.one_hot(labels, self.n_classes)
+        if a.use_cutout:
+            from .cutout import cutout
+
+            x = cutout(x, mask_size=a.cutout.mask_size, prob=a.cutout.prob, cut_inside=a.cutout.cut_inside,
+                       mask_color=float(a.cutout.mask_color), generator=generator)
+        if a.use_random_erasing:
+            from .random_erasing import random_erasing
+
+            e = a.random_erasing
+            x = random_erasing(x, prob=e.prob, area_ratio_range=e.area_ratio_range,
+                               min_aspect_ratio=e.min_aspect_ratio, max_attempt=e.max_attempt, generator=generator)
+        if a.use_mixup:
+            from .mixup import mixup
+
+            x, y = mixup(x, y, alpha=a.mixup.alpha, generator=generator)
+        elif a.use_cutmix:
+            from .cutmix import cutmix
+
+            x, y = cutmix(x, y, alpha=a.cutmix.alpha, generator=generator)
+        elif a.use_ricap:
+            from .ricap import ricap
+
+            x, y = ricap(x, y, beta=a.ricap.beta, generator=generator)
+        if a.use_dual_cutout:
+            from .dual_cutout import dual_cutout_views
+
+            x = dual_cutout_views(x, mask_size=a.cutout.mask_size, prob=a.cutout.prob,
+                                  cut_inside=a.cutout.cut_inside, mask_color=float(a.cutout.mask_color),
+                                  generator=generator)
+        return Batch(x, y, y.argmax(dim=1))
+
+
+class EvalTransform:
+    def __init__(self, mean: list[float], std: list[float], device: torch.device):
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return basic.normalize(images.float(), self.mean, self.std)

@@ -1,0 +1,174 @@
+"""``imgclf train | evaluate | summary | table | data``.
+
+The reference README's commands run with ``python train.py`` -> ``imgclf train`` and
+``configs/`` -> ``config/recipes/``; trailing ``KEY VALUE`` (or ``KEY=VALUE``) pairs override
+the recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from imgclf import config as C
+
+
+class CLIError(Exception):
+    pass
+
+
+def _build_config(args) -> C.Config:
+    cfg = C.build(args.config, C.parse_overrides(args.overrides))
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from imgclf import data, runs
+    from imgclf.launch import Resources, run
+
+    cfg = _build_config(args)
+    # Data first: missing or damaged dataset files fail before anything is written.
+    data.load(cfg.dataset.name, root=cfg.data_root, folder=cfg.dataset.dataset_dir or None)
+    out = args.output_dir or cfg.train.output_dir or runs.default_dir(cfg)
+    run_dir = runs.prepare(cfg, out, resume=args.resume or cfg.train.resume)
+    resources = Resources(tasks=args.tasks, gpus=args.gpus)
+    result = run(run_dir, launcher=args.launcher, resources=resources, progress=not args.quiet)
+    print(f"{run_dir}: test error {result['test_error']:.2f}% after {result['epochs']} epochs "
+          f"({result['wall_seconds']:.0f} s)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from imgclf.engine.evaluator import evaluate_run
+
+    out = evaluate_run(args.run)
+    print(f"{args.run}: test error {out['test_error']:.2f}% (loss {out['test_loss']:.4f}, n={out['n_test']})")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    import torch
+
+    from imgclf.data.datasets import DATASETS  # noqa: F401  (validates the import path)
+    from imgclf.models import build
+    from imgclf.models.summary import summarize
+
+    cfg = _build_config(args)
+    shape = _input_shape(cfg)
+    n_classes = cfg.dataset.n_classes or _n_classes(cfg.dataset.name)
+    with torch.device("cpu"):
+        model = build(cfg, in_channels=shape[0], n_classes=n_classes)
+    info = summarize(model, (1, *shape))
+    info.update({"model": cfg.model.name, "input_shape": list(shape), "n_classes": n_classes})
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"model        {cfg.model.name}")
+        print(f"input        {'x'.join(map(str, shape))}, {n_classes} classes")
+        print(f"parameters   {info['params']:,} ({info['params'] / 1e6:.2f}M)")
+        print(f"MACs         {info['macs']:,} ({info['macs'] / 1e6:.1f}M)")
+        print(f"output shape {info['output_shape']}")
+    return 0
+
+
+_SHAPES = {"digits": (1, 8, 8), "MNIST": (1, 28, 28), "FashionMNIST": (1, 28, 28), "KMNIST": (1, 28, 28),
+           "CIFAR10": (3, 32, 32), "CIFAR100": (3, 32, 32)}
+
+
+def _input_shape(cfg: C.Config) -> tuple[int, int, int]:
+    c, h, w = _SHAPES[cfg.dataset.name]
+    return (cfg.dataset.n_channels or c, cfg.dataset.image_size or h, cfg.dataset.image_size or w)
+
+
+def _n_classes(name: str) -> int:
+    return 100 if name == "CIFAR100" else 10
+
+
+def cmd_table(args) -> int:
+    from imgclf.tables import report, spec
+
+    table = spec.load(args.spec, recipes_dir=args.recipes)
+    frame = report.aggregate(table, args.runs, partial=args.partial)
+    out_dir = Path(args.out)
+    report.write(table, frame, out_dir)
+    print(report.render_markdown(table, frame))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from imgclf import data
+
+    d = data.prepare(args.dataset, root=args.root, source=getattr(args, "from"))
+    print(f"{d.name}: {len(d.train_labels)} train + {len(d.test_labels)} test images, "
+          f"{d.n_channels}x{d.image_size}x{d.image_size}, {d.n_classes} classes; cached at "
+          f"{data.cache_path(d.name)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imgclf", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one run (recipe + KEY VALUE overrides)")
+    t.add_argument("--config", required=True, help="recipe YAML, e.g. config/recipes/cifar/resnet_preact.yaml")
+    t.add_argument("--output-dir", help="run directory (default results/runs/<run_id>/seed<seed>)")
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    t.add_argument("--launcher", default="debug", choices=["debug", "local", "slurm"])
+    t.add_argument("--tasks", type=int, default=1, help="DDP ranks on CPU (local/slurm launchers)")
+    t.add_argument("--gpus", type=int, default=0, help="GPUs per node (local/slurm launchers)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("overrides", nargs=argparse.REMAINDER, help="KEY VALUE ... or KEY=VALUE ...")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="score a finished run's final weights -> RUN/eval.json")
+    e.add_argument("--run", required=True)
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("summary", help="parameters, MACs and output shape of a recipe's model")
+    s.add_argument("--config", required=True)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("overrides", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_summary)
+
+    tb = sub.add_parser("table", help="aggregate finished runs of a table spec and render it")
+    tb.add_argument("spec", help="config/tables/<table>.yaml")
+    tb.add_argument("--partial", action="store_true", help="render what has finished, marking incomplete rows")
+    tb.add_argument("--runs", default="results/runs")
+    tb.add_argument("--out", default="results/tables")
+    tb.add_argument("--recipes", default="config/recipes")
+    tb.set_defaults(func=cmd_table)
+
+    d = sub.add_parser("data", help="prepare + verify a dataset under the data root")
+    d.add_argument("dataset", help="digits | mnist | fashion_mnist | kmnist | cifar10 | cifar100")
+    d.add_argument("--root", default=None, help="data root (default $IMGCLF_DATA_ROOT or resources/data)")
+    d.add_argument("--from", default=None, help="an archive (.tar.gz/.tgz) or folder to unpack into the root")
+    d.set_defaults(func=cmd_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "data" and args.root is None:
+        from imgclf.data import data_root
+
+        args.root = str(data_root())
+    from imgclf.data import DataError
+    from imgclf.tables.spec import SpecError
+
+    try:
+        return args.func(args)
+    except (C.ConfigError, SpecError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"imgclf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"imgclf {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Datasets by name: where they live under the data root, how they are read, and the
+decoded-once tensor cache under ``resources/cache``."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import readers
+from .readers import DataError
+
+
+@dataclass(frozen=True)
+class Spec:
+    folder: str  # under the data root
+    reader: str  # readers.<reader>
+
+
+DATASETS = {
+    "digits": Spec("", "digits"),
+    "MNIST": Spec("mnist", "idx"),
+    "FashionMNIST": Spec("fashion_mnist", "idx"),
+    "KMNIST": Spec("kmnist", "idx"),
+    "CIFAR10": Spec("cifar10", "cifar"),
+    "CIFAR100": Spec("cifar100", "cifar"),
+}
+ALIASES = {n.lower(): n for n in DATASETS} | {"fashion_mnist": "FashionMNIST", "fashion-mnist": "FashionMNIST"}
+CACHE_VERSION = 1
+
+
+@dataclass
+class Data:
+    """A whole dataset in memory: uint8 images (N, C, H, W), int64 labels, per-channel stats."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: list[str]
+    mean: list[float]  # of the training images, in [0, 1]
+    std: list[float]
+
+    @property
+    def n_channels(self) -> int:
+        return self.train_images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train_images.shape[-1]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+def canonical_name(name: str) -> str:
+    if name in DATASETS:
+        return name
+    if name.lower() in ALIASES:
+        return ALIASES[name.lower()]
+    raise DataError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
+
+
+def data_root(configured: str = "") -> Path:
+    """$IMGCLF_DATA_ROOT, else the configured ``data_root``, else ./resources/data."""
+    return Path(os.environ.get("IMGCLF_DATA_ROOT") or configured or "resources/data")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IMGCLF_CACHE_DIR") or "resources/cache")
+
+
+def cache_path(name: str) -> Path:
+    return cache_dir() / f"{canonical_name(name)}.pt"
+
+
+def _read(name: str, folder: Path) -> dict:
+    spec = DATASETS[name]
+    if spec.reader == "digits":
+        return readers.read_digits()
+    if not folder.is_dir():
+        raise DataError(
+            f"{folder}: dataset folder for {name} not found; set data_root in config/config.yaml or "
+            f"IMGCLF_DATA_ROOT to a folder holding {spec.folder}/ (see `imgclf data --help`)"
+        )
+    if spec.reader == "idx":
+        return readers.read_idx(folder, name)
+    return readers.read_cifar(folder, name)
+
+
+def _stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    x = images.to(torch.float64).div_(255)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3))
+    return mean.tolist(), std.tolist()
+
+
+def _fingerprint(folder: Path) -> str:
+    """Names, sizes and mtimes of the source files: a changed file invalidates the cache."""
+    if not folder.is_dir():
+        return "builtin"
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(folder)}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def load(name: str, root: str | Path | None = None, folder: str | Path | None = None, use_cache: bool = True) -> Data:
+    """Read a dataset (decoding once into a cached tensor file) and return it in memory."""
+    name = canonical_name(name)
+    folder = Path(folder) if folder else data_root(str(root or "")) / DATASETS[name].folder
+    cache = cache_path(name)
+    if use_cache and cache.is_file():
+        try:
+            blob = torch.load(cache, weights_only=True)
+            if blob.get("version") == CACHE_VERSION and (
+                    blob.get("fingerprint") in ("builtin", _fingerprint(folder)) or not folder.exists()):
+                return Data(name, *(blob[k] for k in ("train_images", "train_labels", "test_images",
+                                                      "test_labels", "classes", "mean", "std")))
+        except Exception:  # a damaged cache is rebuilt from the source files
+            pass
+    raw = _read(name, folder)
+    mean, std = _stats(raw["train"][0])
+    data = Data(name, *raw["train"], *raw["test"], list(raw["classes"]), mean, std)
+    if use_cache:
+        _write_cache(cache, data, _fingerprint(folder) if DATASETS[name].reader != "digits" else "builtin")
+    return data
+
+
+def _write_cache(path: Path, data: Data, fingerprint: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"version": CACHE_VERSION, "fingerprint": fingerprint, "train_images": data.train_images,
+                    "train_labels": data.train_labels, "test_images": data.test_images,
+                    "test_labels": data.test_labels, "classes": data.classes, "mean": data.mean,
+                    "std": data.std}, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def prepare(name: str, root: str | Path, source: str | Path | None = None) -> Data:
+    """``imgclf data``: unpack ``source`` (an official archive, the JPEG-copy archive, or a
+    folder) into ``<root>/<dataset>/`` if given, then read, verify and cache the dataset."""
+    name = canonical_name(name)
+    target = Path(root) / DATASETS[name].folder
+    if source is not None:
+        source = Path(source)
+        if not source.exists():
+            raise DataError(f"{source}: not found (expected an archive .tar.gz/.tgz or a folder)")
+        if source.is_dir():
+            _copy_tree(source, target)
+        else:
+            _unpack(source, target, name)
+    return load(name, root=root, folder=target if DATASETS[name].folder else None)
+
+
+def _copy_tree(src: Path, target: Path) -> None:
+    if src.resolve() == target.resolve():
+        return
+    # A folder that itself holds <dataset>/train (like the archive's top level) or train/ directly.
+    inner = src / target.name
+    shutil.copytree(inner if inner.is_dir() else src, target, dirs_exist_ok=True)
+
+
+def _unpack(archive: Path, target: Path, name: str) -> None:
+    if not tarfile.is_tarfile(archive):
+        raise DataError(f"{archive}: not a tar archive (expected the official .tar.gz or the JPEG-copy .tgz)")
+    staging = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None, prefix=".unpack-"))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(staging, filter="data")  # 'data' refuses absolute paths, links out, devices
+        # Find the folder that holds the data: python batches, or train/ + test/ image folders.
+        for cand in [staging, *sorted(p for p in staging.rglob("*") if p.is_dir())]:
+            if (cand / "train").is_dir() and (cand / "test").is_dir():
+                _copy_tree(cand, target)
+                return
+            if (cand / "test_batch").is_file() or (cand / "test").is_file():
+                _copy_tree(cand.parent, target) if cand.parent != staging else _copy_tree(cand, target / cand.name)
+                return
+        raise DataError(f"{archive}: holds neither CIFAR python batches nor train/ and test/ image folders")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

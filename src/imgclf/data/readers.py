@@ -1,0 +1,213 @@
+"""Dataset readers: official file layouts -> uint8 tensors (N, C, H, W) + int64 labels.
+
+Each reader takes the dataset's folder under the data root and returns
+``{"train": (images, labels), "test": (images, labels), "classes": [...]}``.
+A missing or damaged file raises :class:`DataError` naming the file and what was expected.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(RuntimeError):
+    """Missing, truncated or corrupt dataset files; the message names them."""
+
+
+Split = tuple[torch.Tensor, torch.Tensor]
+
+# MD5 of the decompressed IDX files, as published with the datasets.
+IDX_MD5 = {
+    "MNIST": {
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    },
+    "FashionMNIST": {
+        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+}
+IDX_CLASSES = {
+    "MNIST": [str(i) for i in range(10)],
+    "KMNIST": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+    "FashionMNIST": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot"],
+}
+IDX_SIZES = {"train": 60000, "test": 10000}
+CIFAR_SIZES = {"train": 50000, "test": 10000}
+
+
+def read_digits(_folder: Path | None = None) -> dict:
+    """scikit-learn's bundled UCI handwritten digits: 1,797 real 8x8 images, 16 grey levels.
+
+    A fixed stratified 75/25 split (random_state=0), so every machine sees the same test set.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # 0..16 -> 0..255
+    labels = digits.target.astype(np.int64)
+    idx = np.arange(len(labels))
+    train_idx, test_idx = train_test_split(idx, test_size=0.25, stratify=labels, random_state=0)
+    as_split = lambda i: (torch.from_numpy(images[i].copy()), torch.from_numpy(labels[i].copy()))  # noqa: E731
+    return {"train": as_split(train_idx), "test": as_split(test_idx), "classes": [str(i) for i in range(10)]}
+
+
+def _open_idx(folder: Path, stem: str) -> tuple[bytes, Path]:
+    for name in (stem, stem + ".gz"):
+        path = folder / name
+        if path.is_file():
+            try:
+                raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
+            except (OSError, EOFError) as e:
+                raise DataError(f"{path}: cannot decompress ({e}); the file is truncated or corrupt") from None
+            return raw, path
+    raise DataError(f"{folder}: missing {stem}[.gz] (expected the four IDX files of the official release)")
+
+
+def _parse_idx(raw: bytes, path: Path, expected_ndim: int) -> np.ndarray:
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != expected_ndim:
+        raise DataError(f"{path}: not an IDX file of {expected_ndim} dimension(s) of uint8")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(expected_ndim)]
+    offset = 4 + 4 * expected_ndim
+    if len(raw) != offset + int(np.prod(dims)):
+        raise DataError(f"{path}: size {len(raw)} bytes does not match its header {dims}; the file is truncated")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def read_idx(folder: Path, name: str) -> dict:
+    """MNIST / Fashion-MNIST / KMNIST in the official IDX layout, gzip-compressed or not."""
+    out: dict = {"classes": IDX_CLASSES[name]}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        arrays = []
+        for kind, ndim in (("images-idx3-ubyte", 3), ("labels-idx1-ubyte", 1)):
+            stem = f"{prefix}-{kind}"
+            raw, path = _open_idx(folder, stem)
+            want = IDX_MD5.get(name, {}).get(stem)
+            if want and hashlib.md5(raw).hexdigest() != want:
+                raise DataError(f"{path}: MD5 {hashlib.md5(raw).hexdigest()} != published {want}; re-download it")
+            arrays.append(_parse_idx(raw, path, ndim))
+        images, labels = arrays
+        if len(images) != len(labels):
+            raise DataError(f"{folder}: {split} has {len(images)} images but {len(labels)} labels")
+        if images.shape[1:] != (28, 28):
+            raise DataError(f"{folder}: {split} images are {images.shape[1:]}, expected 28x28")
+        out[split] = (torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)))
+    return out
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            # The official CIFAR batches are pickles of plain dicts of numpy arrays and lists; an
+            # Unpickler restricted to numpy's array reconstruction refuses anything else.
+            return _SafeUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DataError(f"{path}: not a CIFAR python batch ({e})") from None
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _cifar_batches_dir(folder: Path, name: str) -> Path | None:
+    sub = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}[name]
+    for cand in (folder / sub, folder):
+        marker = "test_batch" if name == "CIFAR10" else "test"
+        if (cand / marker).is_file():
+            return cand
+    return None
+
+
+def read_cifar(folder: Path, name: str) -> dict:
+    """CIFAR-10/100 as the python pickle batches, or an image folder ``train|test/<class>/*``."""
+    batches = _cifar_batches_dir(folder, name)
+    if batches is None:
+        if (folder / "train").is_dir() and (folder / "test").is_dir():
+            return read_image_folder(folder)
+        raise DataError(
+            f"{folder}: no CIFAR data; expected {'cifar-10-batches-py/' if name == 'CIFAR10' else 'cifar-100-python/'}"
+            f" (the python batches) or train/ and test/ image folders; `imgclf data {name.lower()} --from ARCHIVE`"
+            " prepares them"
+        )
+    if name == "CIFAR10":
+        files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+        label_key = "labels"
+        meta = _unpickle(batches / "batches.meta") if (batches / "batches.meta").is_file() else {}
+        classes = meta.get("label_names") or [str(i) for i in range(10)]
+    else:
+        files = {"train": ["train"], "test": ["test"]}
+        label_key = "fine_labels"
+        meta = _unpickle(batches / "meta") if (batches / "meta").is_file() else {}
+        classes = meta.get("fine_label_names") or [str(i) for i in range(100)]
+    out: dict = {"classes": list(classes)}
+    for split, names in files.items():
+        images, labels = [], []
+        for fname in names:
+            path = batches / fname
+            if not path.is_file():
+                raise DataError(f"{path}: missing (expected the official batches {', '.join(names)})")
+            d = _unpickle(path)
+            data = np.asarray(d["data"], dtype=np.uint8)
+            if data.ndim != 2 or data.shape[1] != 3072:
+                raise DataError(f"{path}: data has shape {data.shape}, expected (N, 3072)")
+            images.append(data.reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(d[label_key], dtype=np.int64))
+        x, y = np.concatenate(images), np.concatenate(labels)
+        if len(x) != CIFAR_SIZES[split]:
+            raise DataError(f"{batches}: {split} has {len(x)} images, expected {CIFAR_SIZES[split]}")
+        out[split] = (torch.from_numpy(x), torch.from_numpy(y))
+    return out
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+
+
+def read_image_folder(folder: Path) -> dict:
+    """``<folder>/<split>/<class>/*.png|jpg``; classes in sorted order, files in sorted order."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    out: dict = {}
+    classes: list[str] | None = None
+    for split in ("train", "test"):
+        root = folder / split
+        if not root.is_dir():
+            raise DataError(f"{root}: missing (expected {folder}/<train|test>/<class>/<image>)")
+        split_classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not split_classes:
+            raise DataError(f"{root}: no class folders")
+        if classes is None:
+            classes = split_classes
+        elif split_classes != classes:
+            raise DataError(f"{root}: classes {split_classes} differ from train's {classes}")
+        images, labels = [], []
+        for label, cls in enumerate(classes):
+            for path in sorted(p for p in (root / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                try:
+                    img = decode_image(str(path), mode=ImageReadMode.UNCHANGED)
+                except RuntimeError as e:
+                    raise DataError(f"{path}: cannot decode image ({e})") from None
+                images.append(img)
+                labels.append(label)
+        shapes = {tuple(i.shape) for i in images}
+        if len(shapes) != 1:
+            raise DataError(f"{root}: images differ in size/channels {sorted(shapes)[:3]}; expected one shape")
+        out[split] = (torch.stack(images), torch.tensor(labels, dtype=torch.int64))
+    out["classes"] = classes
+    return out

@@ -1,0 +1,75 @@
+"""Batched evaluation on a device-resident test set; sharded across DDP ranks and reduced."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, transform, *,
+             batch_size: int, precision, rank: int = 0, world_size: int = 1,
+             channels_last: bool = False) -> dict[str, float]:
+    """Test loss and error (in %) over the whole set. Sums stay on the device until the end."""
+    was_training = model.training
+    model.eval()
+    device = images.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = len(labels)
+    shard = torch.arange(rank, n, world_size, device=device)
+    for start in range(0, len(shard), batch_size):
+        idx = shard[start:start + batch_size]
+        x = transform(images[idx]).to(precision.input_dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision.autocast():
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, labels[idx], reduction="sum").double()
+        correct += (logits.argmax(1) == labels[idx]).sum()
+    if world_size > 1:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(correct)
+    model.train(was_training)
+    n_correct = int(correct.item())
+    return {"test_loss": float(loss_sum.item()) / n, "test_error": 100.0 * (n - n_correct) / n, "n_test": n}
+
+
+def evaluate_run(run_dir) -> dict:
+    """``imgclf evaluate``: reload a finished run's final weights and score the test set -> eval.json."""
+    from pathlib import Path
+
+    from imgclf.augment.pipeline import EvalTransform
+    from imgclf.config import precision as precision_name
+    from imgclf.data import load as load_data
+    from imgclf.models import build as build_model
+    from imgclf.utils import read_json, write_json
+
+    from .precision import Precision
+    from .trainer import load_run_config, select_device
+
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "model.pt", "result.json"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir / name}: missing; is the run finished?")
+    cfg = load_run_config(run_dir)
+    device = select_device(cfg)
+    data = load_data(cfg.dataset.name, root=cfg.data_root, folder=cfg.dataset.dataset_dir or None)
+    model = build_model(cfg, in_channels=data.n_channels, n_classes=cfg.dataset.n_classes or data.n_classes)
+    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+    prec = Precision(precision_name(cfg), device)
+    model = model.to(device, dtype=prec.model_dtype)
+    if prec.name == "fp16":
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.float()
+    images, labels = data.test_images.to(device), data.test_labels.to(device)
+    out = evaluate(model, images, labels, EvalTransform(data.mean, data.std, device),
+                   batch_size=cfg.validation.batch_size, precision=prec)
+    result = read_json(run_dir / "result.json")
+    out.update({"train_seconds": result.get("train_seconds"), "wall_seconds": result.get("wall_seconds"),
+                "gpu": result.get("gpu"), "epochs": result.get("epochs"), "seed": cfg.train.seed,
+                "n_params": result.get("n_params"), "diverged": bool(result.get("diverged", False))})
+    write_json(run_dir / "eval.json", out)
+    return out

@@ -1,0 +1,396 @@
+"""The training engine: one run directory in, ``result.json`` out.
+
+A run is a pure function of its resolved ``config.yaml`` (seed included) on CPU:
+every random draw comes from a generator seeded by (seed, epoch, step), so a run
+resumed from any checkpoint, at an epoch boundary or mid-epoch, ends bit-identical
+to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import platform
+import socket
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+
+from imgclf import __version__, config as C
+from imgclf.augment.pipeline import EvalTransform, TrainTransform
+from imgclf.data import DeviceLoader, derive_seed, load as load_data
+from imgclf.models import build as build_model
+from imgclf.utils import atomic_write_text, write_json
+
+from . import checkpoint as ckpt
+from .evaluator import evaluate
+from .precision import Precision
+
+log = logging.getLogger(__name__)
+LOG_FIELDS = ["epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "epoch_seconds",
+              "images_per_second"]
+
+
+class Preempted(RuntimeError):
+    """Training stopped on request (SLURM preemption / time limit) after a checkpoint was written."""
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def load_run_config(run_dir: str | Path) -> C.Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; a run directory starts with its resolved config.yaml")
+    try:
+        return C.from_dict(yaml.safe_load(path.read_text()) or {})
+    except C.ConfigError as e:
+        raise C.ConfigError(f"{path}: {e}") from None
+
+
+def select_device(cfg: C.Config, local_rank: int = 0) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: '{cfg.device}' requested but CUDA is not available (use auto or cpu)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def environment(device: torch.device, world_size: int) -> dict[str, Any]:
+    import torchvision
+
+    env = {"imgclf": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "torchvision": torchvision.__version__, "host": socket.gethostname(), "device": str(device),
+           "device_name": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "world_size": world_size, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def short_device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for prefix in ("NVIDIA ", "GeForce ", "Tesla "):
+            name = name.replace(prefix, "")
+        return name.split(" ")[0] if "H100" in name or "H200" in name or "A100" in name else name
+    return "CPU"
+
+
+class Trainer:
+    def __init__(self, run_dir: str | Path, *, progress: bool | None = None,
+                 stop_event: threading.Event | None = None, saved_event: threading.Event | None = None):
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg = load_run_config(self.run_dir)
+        self.stop_event = stop_event or threading.Event()
+        self.saved_event = saved_event or threading.Event()
+        self.rank, self.world_size, local_rank = _init_distributed(cfg)
+        self.is_main = self.rank == 0
+        self.device = select_device(cfg, local_rank)
+        self.precision = Precision(C.precision(cfg), self.device)
+        self.progress = self.is_main if progress is None else (progress and self.is_main)
+
+        data = load_data(cfg.dataset.name, root=cfg.data_root, folder=cfg.dataset.dataset_dir or None)
+        self.data = data
+        self.n_classes = cfg.dataset.n_classes or data.n_classes
+        torch.manual_seed(cfg.train.seed)  # model initialization
+        model = build_model(cfg, in_channels=data.n_channels, n_classes=self.n_classes)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        if self.world_size > 1 and cfg.train.dist.use_sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.channels_last = cfg.train.channels_last and self.device.type in ("cpu", "cuda")
+        model = model.to(self.device, dtype=self.precision.model_dtype)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.precision.name == "fp16":
+            # BN in fp32 keeps running statistics meaningful (as apex O3 with keep_batchnorm_fp32).
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.float()
+        self.model = model
+        self.ddp_model: nn.Module = model
+        if self.world_size > 1:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.step_model = self.ddp_model
+        if cfg.train.compile:
+            try:
+                self.step_model = torch.compile(self.ddp_model)
+            except Exception as e:  # noqa: BLE001 - compile is an optional speed-up
+                log.warning("train.compile: torch.compile unavailable (%s); running eagerly", e)
+
+        from imgclf.optim import build_optimizer, build_scheduler
+
+        self.loader = DeviceLoader(data.train_images, data.train_labels, cfg.train.batch_size, shuffle=True,
+                                   drop_last=cfg.train.dataloader.drop_last, seed=cfg.train.seed,
+                                   rank=self.rank, world_size=self.world_size, device=self.device)
+        if len(self.loader) == 0:
+            raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than the "
+                             f"{len(data.train_labels)} training images")
+        self.optimizer = build_optimizer(cfg, model)
+        self.scheduler = build_scheduler(cfg, self.optimizer, len(self.loader))
+        self.scaler = self.precision.make_scaler()
+        self.train_transform = TrainTransform(cfg.augmentation, data.mean, data.std, self.n_classes,
+                                              data.image_size, self.device)
+        self.eval_transform = EvalTransform(data.mean, data.std, self.device)
+        self.test_images = data.test_images.to(self.device)
+        self.test_labels = data.test_labels.to(self.device)
+
+        # Progress state (restored from a checkpoint on resume).
+        self.epoch = 0  # the epoch being (or next to be) trained, 0-based
+        self.step_in_epoch = 0
+        self.accum = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        self.log_rows: list[dict[str, Any]] = []
+        self.wall_seconds = 0.0
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "accum": dict(self.accum),
+                "log_rows": list(self.log_rows), "wall_seconds": self.wall_seconds,
+                "config_hash": C.config_hash(self.cfg), "seed": self.cfg.train.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("config_hash") != C.config_hash(self.cfg) or state.get("seed") != self.cfg.train.seed:
+            raise ValueError(f"{self.run_dir}: checkpoint belongs to a different config or seed; "
+                             "use a fresh output directory")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.accum = dict(state["accum"])
+        self.log_rows = list(state["log_rows"])
+        self.wall_seconds = state["wall_seconds"]
+
+    def save_checkpoint(self) -> None:
+        if self.is_main:
+            ckpt.save(self.run_dir, self.state_dict())
+            self._write_log()
+
+    def resume(self) -> bool:
+        state = ckpt.load_latest(self.run_dir, map_location=self.device)
+        if state is None:
+            return False
+        self.load_state_dict(state)
+        if self.is_main:
+            self._write_log()  # drop rows written after this checkpoint: the log never duplicates
+        return True
+
+    def _write_log(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.log_rows)
+        atomic_write_text(self.run_dir / "train_log.csv", buf.getvalue())
+
+    # ------------------------------------------------------------------ training
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits used for accuracy) for one (sub-)batch."""
+        from imgclf import losses
+
+        logits = logits.float()
+        if self.cfg.augmentation.use_dual_cutout:
+            loss = losses.dual_cutout_loss(logits, targets, self.cfg.augmentation.cutout.dual_cutout_alpha)
+            return loss, losses.dual_cutout_predict(logits)
+        return losses.soft_cross_entropy(logits, targets), logits
+
+    def _train_step(self, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor):
+        cfg = self.cfg
+        chunks = cfg.train.subdivision
+        dual = cfg.augmentation.use_dual_cutout
+        n = len(labels)
+        m = n // chunks
+        loss_total = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        for i in range(chunks):
+            sl = slice(i * m, (i + 1) * m)
+            if dual:  # images hold [view1; view2]: take the same samples of both views
+                x = torch.cat([images[:n][sl], images[n:][sl]])
+            else:
+                x = images[sl]
+            x = x.to(self.precision.input_dtype)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            sync = (self.ddp_model.no_sync() if self.world_size > 1 and i < chunks - 1 else nullcontext())
+            with sync:
+                with self.precision.autocast():
+                    out = self.step_model(x)
+                loss, pred_logits = self._loss(out, targets[sl])
+                # Ghost BN (train.subdivision): BN sees each chunk alone; the gradient is the batch mean.
+                self.scaler.scale(loss / chunks).backward()
+            loss_total += loss.detach() / chunks
+            correct += (pred_logits.argmax(1) == labels[sl]).sum()
+        if cfg.train.gradient_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.gradient_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_total, correct
+
+    def _check_finite(self, loss_sum: torch.Tensor, step: int) -> None:
+        value = float(loss_sum.item())
+        if not math.isfinite(value):
+            raise Diverged(f"{self.run_dir}: training loss became {value} in epoch {self.epoch + 1}, "
+                           f"by step {step + 1} (lr {self.optimizer.param_groups[0]['lr']:.4g})")
+
+    def _train_epoch(self, bar) -> None:
+        cfg = self.cfg
+        self.model.train()
+        # Dropout / shake-shake draw from the global generator: reseed it per (epoch, step).
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen = 0
+        t0 = time.perf_counter()
+        for step, images, labels in self.loader.batches(self.epoch, start=self.step_in_epoch):
+            if self.stop_event.is_set():
+                self._flush_accum(loss_sum, correct, seen, t0)
+                self.save_checkpoint()
+                self.saved_event.set()
+                raise Preempted(f"{self.run_dir}: stopped at epoch {self.epoch + 1} step {step}; checkpoint saved")
+            seed = derive_seed(cfg.train.seed, self.epoch, step)
+            torch.manual_seed(seed)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            batch = self.train_transform(images, labels, gen)
+            loss, n_correct = self._train_step(batch.images, batch.targets, batch.labels)
+            loss_sum += loss.double() * len(labels)
+            correct += n_correct
+            seen += len(labels)
+            self.step_in_epoch = step + 1
+            if bar is not None:
+                bar.update(1)
+            if (step + 1) % cfg.train.log_period == 0:
+                self._check_finite(loss_sum, step)
+        self._check_finite(loss_sum, len(self.loader) - 1)
+        self._flush_accum(loss_sum, correct, seen, t0)
+
+    def _flush_accum(self, loss_sum, correct, seen, t0) -> None:
+        if self.world_size > 1:
+            t = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=self.device,
+                                                                               dtype=torch.float64)])
+            dist.all_reduce(t)
+            loss_sum, correct, seen = t[0], t[1], int(t[2].item())
+        self.accum["loss_sum"] += float(loss_sum.item())
+        self.accum["correct"] += int(correct.item())
+        self.accum["seen"] += seen
+        self.accum["seconds"] += time.perf_counter() - t0
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        epochs = cfg.scheduler.epochs
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            write_json(self.run_dir / "env.json", environment(self.device, self.world_size))
+        started = time.perf_counter()
+        wall_before = self.wall_seconds
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=epochs * len(self.loader), initial=self.epoch * len(self.loader) + self.step_in_epoch,
+                       desc=self.run_dir.parent.name + "/" + self.run_dir.name, unit="step", mininterval=1.0,
+                       dynamic_ncols=True, leave=False)
+        evaluation: dict[str, Any] = {}
+        try:
+            while self.epoch < epochs:
+                self._train_epoch(bar)
+                last = self.epoch + 1 == epochs
+                if last or (self.epoch + 1) % cfg.train.val_period == 0:
+                    evaluation = self._evaluate()
+                else:
+                    evaluation = {"test_loss": float("nan"), "test_error": float("nan")}
+                a = self.accum
+                row = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                       "train_loss": a["loss_sum"] / max(a["seen"], 1),
+                       "train_error": 100.0 * (1 - a["correct"] / max(a["seen"], 1)),
+                       "test_loss": evaluation["test_loss"], "test_error": evaluation["test_error"],
+                       "epoch_seconds": a["seconds"],
+                       "images_per_second": a["seen"] / a["seconds"] if a["seconds"] > 0 else float("nan")}
+                self.log_rows.append(row)
+                if bar is not None:
+                    bar.set_postfix(epoch=row["epoch"], loss=f"{row['train_loss']:.3f}",
+                                    test_err=f"{row['test_error']:.2f}")
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self.accum = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+                self.wall_seconds = wall_before + time.perf_counter() - started
+                if last or self.epoch % cfg.train.checkpoint_period == 0:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        self.wall_seconds = wall_before + time.perf_counter() - started
+        return self._finish(evaluation)
+
+    def _evaluate(self) -> dict[str, Any]:
+        return evaluate(self.model, self.test_images, self.test_labels, self.eval_transform,
+                        batch_size=self.cfg.validation.batch_size, precision=self.precision, rank=self.rank,
+                        world_size=self.world_size, channels_last=self.channels_last)
+
+    def _finish(self, evaluation: dict[str, Any]) -> dict[str, Any]:
+        last = self.log_rows[-1]
+        result = {
+            "test_error": last["test_error"], "test_loss": last["test_loss"], "train_error": last["train_error"],
+            "train_loss": last["train_loss"], "epochs": self.cfg.scheduler.epochs,
+            "wall_seconds": self.wall_seconds,
+            "train_seconds": sum(r["epoch_seconds"] for r in self.log_rows),
+            "device": str(self.device), "gpu": short_device_name(self.device), "world_size": self.world_size,
+            "precision": self.precision.name, "n_params": self.n_params, "seed": self.cfg.train.seed,
+            "config_hash": C.config_hash(self.cfg), "run_id": self.run_dir.parent.name,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if self.is_main:
+            from imgclf.utils import atomic_write_bytes
+
+            buf = io.BytesIO()
+            torch.save(self.model.state_dict(), buf)
+            atomic_write_bytes(self.run_dir / "model.pt", buf.getvalue())
+            write_json(self.run_dir / "result.json", result)  # last: its existence means "complete"
+        return result
+
+
+def _init_distributed(cfg: C.Config) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the torchrun / submitit environment (env://)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = cfg.train.dist.backend
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, init_method=cfg.train.dist.init_method)
+    return rank, world, local_rank
+
+
+def train(run_dir: str | Path, *, resume: bool = True, progress: bool | None = None,
+          stop_event: threading.Event | None = None) -> dict[str, Any]:
+    """Train the run in ``run_dir`` (which holds config.yaml) to completion; returns result.json's dict."""
+    trainer = Trainer(run_dir, progress=progress, stop_event=stop_event)
+    if resume:
+        trainer.resume()
+    try:
+        return trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

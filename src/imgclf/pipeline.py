@@ -1,0 +1,62 @@
+"""What the workflow's rules call: one function per rule, plain arguments, no Snakemake.
+
+The workflow expands table specs into runs; these functions do one run-seed, one
+evaluation, one aggregation or one rendering each.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from imgclf import config as C
+
+
+def train_seed(run_dir: str | Path, config: dict[str, Any], seed: int, *, launcher: str = "debug",
+               resources: dict[str, Any] | None = None, threads: int = 1, data_root: str = "",
+               progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) one seed of a run into ``run_dir``; ``result.json`` marks completion."""
+    from imgclf import runs
+    from imgclf.launch import Resources, run
+
+    cfg = C.from_dict(config)
+    cfg.train.seed = seed
+    if data_root:
+        cfg.data_root = str(Path(data_root).resolve())
+    run_dir = Path(run_dir)
+    runs.prepare(cfg, run_dir, resume=True)  # an interrupted seed resumes from its checkpoint
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if launcher == "debug":
+        import torch
+
+        torch.set_num_threads(max(threads, 1))
+    res = Resources(**(resources or {}))
+    return run(run_dir, launcher=launcher, resources=res, job_name=f"{run_dir.parent.name}/{run_dir.name}",
+               progress=progress)
+
+
+def evaluate_seed(run_dir: str | Path, threads: int = 1) -> dict[str, Any]:
+    import torch
+
+    from imgclf.engine.evaluator import evaluate_run
+
+    torch.set_num_threads(max(threads, 1))
+    return evaluate_run(run_dir)
+
+
+def aggregate_table(spec_path: str | Path, runs_dir: str | Path, csv_out: str | Path,
+                    recipes_dir: str | Path = "config/recipes", partial: bool = False) -> None:
+    from imgclf.tables import report, spec
+    from imgclf.utils import atomic_write_text
+
+    table = spec.load(spec_path, recipes_dir)
+    atomic_write_text(csv_out, report.to_csv(report.aggregate(table, runs_dir, partial=partial)))
+
+
+def render_table(spec_path: str | Path, csv_in: str | Path, md_out: str | Path,
+                 recipes_dir: str | Path = "config/recipes") -> None:
+    from imgclf.tables import report, spec
+    from imgclf.utils import atomic_write_text
+
+    table = spec.load(spec_path, recipes_dir)
+    atomic_write_text(md_out, report.render_markdown(table, report.read_csv(csv_in)))

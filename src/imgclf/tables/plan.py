@@ -1,0 +1,103 @@
+"""All table specs expanded into runs once: what the workflow plans from.
+
+Rows of different tables that resolve to the same config share one run (and its seeds).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import spec as S
+
+
+@dataclass
+class Run:
+    run_id: str
+    dataset: str
+    config: dict[str, Any]
+    resources: dict[str, Any]
+    seeds: set[int] = field(default_factory=set)
+    rows: list[str] = field(default_factory=list)  # "<table>/<row id>"
+    reported_hours: float | None = None  # one seed's training time in the reference README
+
+
+def parse_duration(text: Any) -> float | None:
+    """'3h05m', '41m', '24h28m*', '1H26M' -> hours; None when absent or unreadable."""
+    if not isinstance(text, str):
+        return None
+    m = re.fullmatch(r"\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*(?:(\d+)\s*s)?\s*\**\s*", text.lower())
+    if not m or not any(m.groups()):
+        return None
+    h, mi, s = (int(g) if g else 0 for g in m.groups())
+    return h + mi / 60 + s / 3600
+
+
+class Plan:
+    def __init__(self, tables: dict[str, S.Table], defaults: dict[str, Any] | None = None):
+        self.tables = tables
+        self.runs: dict[str, Run] = {}
+        for name, table in tables.items():
+            for row in table.rows:
+                if not row.run_id:
+                    continue
+                run = self.runs.get(row.run_id)
+                if run is None:
+                    run = self.runs[row.run_id] = Run(row.run_id, row.config.dataset.name, row.config.to_dict(),
+                                                      dict(defaults or {}))
+                for key, value in row.resources.items():
+                    old = run.resources.get(key)
+                    run.resources[key] = max(old, value) if isinstance(old, (int, float)) and isinstance(
+                        value, (int, float)) else value
+                run.seeds.update(row.seeds)
+                run.rows.append(f"{name}/{row.id}")
+                hours = parse_duration(row.reported.get("time"))
+                if hours is not None:
+                    run.reported_hours = max(run.reported_hours or 0.0, hours)
+
+    @classmethod
+    def from_dir(cls, tables_dir: str | Path = "config/tables", recipes_dir: str | Path = "config/recipes",
+                 defaults: dict[str, Any] | None = None, schema: str | Path | None = None) -> "Plan":
+        tables = {}
+        validator = _validator(schema) if schema else None
+        for path in sorted(Path(tables_dir).glob("*.yaml")):
+            if validator is not None:
+                _check_schema(validator, path)
+            tables[path.stem] = S.load(path, recipes_dir)
+        return cls(tables, defaults)
+
+    def eval_files(self, table: str, runs_dir: str | Path) -> list[str]:
+        t = self.tables[table]
+        return [str(Path(runs_dir) / r.run_id / f"seed{s}" / "eval.json") for r in t.rows if r.run_id for s in r.seeds]
+
+    def summary(self, runs_dir: str | Path = "results/runs") -> str:
+        runs_dir = Path(runs_dir)
+        jobs = [(r, s) for r in self.runs.values() for s in sorted(r.seeds)]
+        done = sum(1 for r, s in jobs if (runs_dir / r.run_id / f"seed{s}" / "result.json").is_file())
+        rows = sum(len(t.rows) for t in self.tables.values())
+        gpu_hours = sum((r.reported_hours or 0.0) * max(int(r.resources.get("gpus", 1) or 1), 1)
+                        for r, s in jobs if not (runs_dir / r.run_id / f"seed{s}" / "result.json").is_file())
+        return (f"imgclf plan: {len(self.tables)} tables, {rows} rows -> {len(self.runs)} distinct runs, "
+                f"{len(jobs)} run-seeds ({done} done, {len(jobs) - done} to train); "
+                f"~{gpu_hours:,.0f} GPU-hours to go at the reference README's reported times")
+
+
+def _validator(schema: str | Path):
+    import jsonschema
+    import yaml
+
+    return jsonschema.Draft202012Validator(yaml.safe_load(Path(schema).read_text()))
+
+
+def _check_schema(validator, path: Path) -> None:
+    from imgclf import config as C
+
+    try:
+        data = C.load_yaml(path)
+    except C.ConfigError as e:
+        raise S.SpecError(str(e)) from None
+    error = next(iter(sorted(validator.iter_errors(data), key=lambda e: list(e.path))), None)
+    if error is not None:
+        where = "/".join(str(p) for p in error.path) or "top level"
+        raise S.SpecError(f"{path}: {where}: {error.message}")

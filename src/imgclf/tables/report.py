@@ -1,0 +1,187 @@
+"""Aggregation over seeds and rendering of a results table (Markdown + CSV).
+
+Our numbers (median over seeds, min–max, n) stand beside the reference README's and the
+paper's; the reported values are only printed, never used in a computation.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from imgclf.utils import atomic_write_text
+
+from .spec import Row, Table
+
+DASH = "—"
+
+
+def run_files(table: Table, runs_dir: str | Path = "results/runs") -> list[Path]:
+    """Every eval.json the table needs (the workflow's aggregate inputs)."""
+    return [Path(runs_dir) / row.run_id / f"seed{s}" / "eval.json"
+            for row in table.rows if row.run_id for s in row.seeds]
+
+
+def _read_seed(run_dir: Path) -> dict[str, Any] | None:
+    for name in ("eval.json", "result.json"):
+        path = run_dir / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except ValueError:
+                continue
+            if name == "result.json":
+                data.setdefault("train_seconds", data.get("train_seconds"))
+            return data
+    diverged = run_dir / "diverged.json"
+    if diverged.is_file():
+        return {"diverged": True, "test_error": float("nan")}
+    return None
+
+
+def aggregate(table: Table, runs_dir: str | Path = "results/runs", partial: bool = False) -> pd.DataFrame:
+    """One record per row: our statistics over the finished seeds plus the reported values."""
+    runs_dir = Path(runs_dir)
+    records, missing = [], []
+    for row in table.rows:
+        seeds = []
+        if row.run_id:
+            for s in row.seeds:
+                data = _read_seed(runs_dir / row.run_id / f"seed{s}")
+                if data is None:
+                    missing.append(runs_dir / row.run_id / f"seed{s}" / "eval.json")
+                else:
+                    seeds.append(data)
+        records.append(_record(row, seeds))
+    if missing and not partial:
+        raise FileNotFoundError(f"{len(missing)} seed(s) of table '{table.name}' have not finished, e.g. "
+                                f"{missing[0]}; run the workflow, or pass --partial")
+    return pd.DataFrame.from_records(records)
+
+
+def _record(row: Row, seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    finished = [s for s in seeds if not s.get("diverged") and not math.isnan(float(s.get("test_error", "nan")))]
+    errors = [float(s["test_error"]) for s in finished]
+    times = [float(s["train_seconds"]) for s in finished if s.get("train_seconds") is not None]
+    rep = row.reported
+    rec: dict[str, Any] = {
+        "id": row.id, "label": row.label, "run_id": row.run_id or "", "trained": row.train,
+        "epochs": row.config.scheduler.epochs if row.config else None,
+        "n_seeds": len(row.seeds) if row.train else 0, "n_done": len(finished),
+        "n_diverged": sum(1 for s in seeds if s.get("diverged")),
+        "test_error_median": statistics.median(errors) if errors else None,
+        "test_error_min": min(errors) if errors else None,
+        "test_error_max": max(errors) if errors else None,
+        "test_error_mean": statistics.fmean(errors) if errors else None,
+        "test_error_std": statistics.stdev(errors) if len(errors) > 1 else None,
+        "train_seconds_median": statistics.median(times) if times else None,
+        "gpu": ", ".join(sorted({str(s.get("gpu")) for s in finished if s.get("gpu")})),
+        "reported_result": rep.get("result"), "reported_result_text": rep.get("result_text"),
+        "reported_paper": rep.get("paper"), "reported_epochs": rep.get("epochs"),
+        "reported_time": rep.get("time"), "reported_hardware": rep.get("hardware"),
+    }
+    for col, value in row.cells.items():
+        rec[f"cell:{col}"] = value
+    return rec
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
+        return ""
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    if h:
+        return f"{h}h{m:02d}m"
+    if m:
+        return f"{m}m{s:02d}s" if m < 10 else f"{m}m"
+    return f"{s}s"
+
+
+def _num(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    return f"{x:.2f}"
+
+
+def _ours(r: dict[str, Any]) -> str:
+    if not r["trained"]:
+        return DASH
+    if r["n_done"] == 0 and r["n_diverged"]:
+        return f"diverged ({r['n_diverged']}/{r['n_seeds']})"
+    if r["n_done"] < r["n_seeds"]:
+        head = _num(r["test_error_median"]) + " " if r["n_done"] else DASH + " "
+        note = f"({r['n_done']}/{r['n_seeds']} done" + (f", {r['n_diverged']} diverged" if r["n_diverged"] else "")
+        return head + note + ")"
+    return _num(r["test_error_median"])
+
+
+def _reference(r: dict[str, Any]) -> str:
+    text = _num(r["reported_result"])
+    if r.get("reported_result_text"):
+        text = f"{text} ({r['reported_result_text']})" if text else str(r["reported_result_text"])
+    return text
+
+
+def _present(x: Any) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def render_markdown(table: Table, frame: pd.DataFrame) -> str:
+    n = max(table.seeds and len(table.seeds), 1)
+    rows = []
+    for r in frame.to_dict("records"):
+        ours_done = r["trained"] and r["n_done"] > 0
+        delta = ""
+        if ours_done and _present(r["reported_result"]) and _present(r["test_error_median"]):
+            delta = f"{r['test_error_median'] - r['reported_result']:+.2f}"
+        ref_time = r["reported_time"] or ""
+        if ref_time and r.get("reported_hardware"):
+            ref_time += f" ({r['reported_hardware']})"
+        line = {"Model": r["label"]}
+        for col in table.columns:
+            value = r.get(f"cell:{col}")
+            line[col] = "" if not _present(value) else value
+        line.update({
+            "Epochs": r["epochs"] if r["trained"] else (r["reported_epochs"] or ""),
+            f"Test Error (median of {n} runs)": _ours(r),
+            "min–max": (f"{r['test_error_min']:.2f}–{r['test_error_max']:.2f}"
+                        if ours_done and r["n_done"] > 1 else ""),
+            "Reference README": _reference(r),
+            "Paper": r["reported_paper"] or "",
+            "Δ vs reference": delta,
+            "Training Time": format_seconds(r["train_seconds_median"]) if ours_done else "",
+            "GPU": r["gpu"] if ours_done else "",
+            "Reference time": ref_time,
+        })
+        rows.append(line)
+    body = pd.DataFrame(rows).to_markdown(index=False, tablefmt="github", disable_numparse=True)
+    out = f"## {table.title}\n\n{body}\n"
+    if table.notes:
+        out += "\n" + table.notes.strip() + "\n"
+    return out
+
+
+def to_csv(frame: pd.DataFrame) -> str:
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False)
+    return buf.getvalue()
+
+
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """A frame written by :func:`write`, with empty cells back to None."""
+    frame = pd.read_csv(path)
+    return frame.astype(object).where(frame.notna(), None)
+
+
+def write(table: Table, frame: pd.DataFrame, out_dir: str | Path) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    md, csv = out_dir / f"{table.name}.md", out_dir / f"{table.name}.csv"
+    atomic_write_text(csv, to_csv(frame))
+    atomic_write_text(md, render_markdown(table, frame))
+    return md, csv

@@ -1,0 +1,75 @@
+# Everything that is not a rule: config validation, the table specs read once and
+# expanded into runs, and the small input functions the rules use.
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from imgclf.tables import plan as imgclf_plan
+from imgclf.tables.spec import SpecError
+
+
+validate(config, "../schemas/config.schema.yaml")
+
+TABLES_DIR = Path("config/tables")
+RECIPES_DIR = Path("config/recipes")
+RUNS_DIR = Path("results/runs")
+
+try:
+    PLAN = imgclf_plan.Plan.from_dir(
+        TABLES_DIR, RECIPES_DIR, defaults=config.get("resources", {}), schema="workflow/schemas/table.schema.yaml"
+    )
+except SpecError as e:
+    raise WorkflowError(str(e)) from None
+for name in config["tables"]:
+    if name not in PLAN.tables:
+        raise WorkflowError(
+            f"config/config.yaml: tables: '{name}' has no config/tables/{name}.yaml "
+            f"(known: {', '.join(sorted(PLAN.tables))})"
+        )
+print(PLAN.summary(RUNS_DIR), file=sys.stderr)
+
+
+wildcard_constraints:
+    run_id=r"[a-z0-9]+-[a-z_]+-[0-9a-f]{8}",
+    seed=r"\d+",
+    table=r"[a-z0-9_]+",
+
+
+def get_final_output():
+    return [f"results/tables/{name}.md" for name in config["tables"]]
+
+
+def get_all_tables():
+    return [f"results/tables/{name}.md" for name in sorted(PLAN.tables)]
+
+
+def get_run(wildcards):
+    if wildcards.run_id not in PLAN.runs:
+        raise WorkflowError(f"run '{wildcards.run_id}' belongs to no row of config/tables/*.yaml")
+    return PLAN.runs[wildcards.run_id]
+
+
+def get_dataset_cache(wildcards):
+    return f"resources/cache/{get_run(wildcards).dataset}.pt"
+
+
+def get_run_config(wildcards):
+    return get_run(wildcards).config
+
+
+def get_run_resources(wildcards):
+    run = get_run(wildcards)
+    res = dict(run.resources)
+    res.update({k: v for k, v in config.get("slurm", {}).items()})
+    return res
+
+
+def get_job_time(wildcards):
+    return get_run(wildcards).resources.get("time_min", 60)
+
+
+def get_table_evals(wildcards):
+    if wildcards.table not in PLAN.tables:
+        raise WorkflowError(f"no table spec config/tables/{wildcards.table}.yaml")
+    return PLAN.eval_files(wildcards.table, RUNS_DIR)

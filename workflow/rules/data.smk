@@ -1,0 +1,10 @@
+rule data:
+    output:
+        "resources/cache/{dataset}.pt",
+    log:
+        "logs/data/{dataset}.log",
+    params:
+        data_root=config.get("data_root", ""),
+    localrule: True
+    script:
+        "../scripts/data.py"

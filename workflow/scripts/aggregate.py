@@ -1,0 +1,7 @@
+# Median/min/max over seeds per row -> results/tables/<table>.csv (imgclf.pipeline.aggregate_table).
+import sys
+
+sys.stderr = open(snakemake.log[0], "w")
+from imgclf.pipeline import aggregate_table  # noqa: E402
+
+aggregate_table(snakemake.input.spec, "results/runs", snakemake.output[0])

@@ -1,0 +1,9 @@
+# Prepare + verify one dataset and write its decoded tensor cache (imgclf.data.prepare).
+import os
+import sys
+
+sys.stderr = open(snakemake.log[0], "w")
+os.environ["IMGCLF_CACHE_DIR"] = os.path.dirname(snakemake.output[0])
+from imgclf.data import data_root, prepare  # noqa: E402
+
+prepare(snakemake.wildcards.dataset, root=data_root(snakemake.params.data_root))

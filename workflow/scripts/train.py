@@ -1,0 +1,26 @@
+# Train one seed of one run through the configured launcher (imgclf.pipeline.train_seed).
+# The progress bar goes to the terminal; the log keeps the outcome or the traceback.
+import os
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("IMGCLF_CACHE_DIR", str(Path(snakemake.input[0]).parent.resolve()))
+from imgclf.pipeline import train_seed  # noqa: E402
+
+run_dir = Path(snakemake.output[0]).parent
+with open(snakemake.log[0], "w") as log:
+    try:
+        result = train_seed(
+            run_dir,
+            snakemake.params.config,
+            int(snakemake.wildcards.seed),
+            launcher=snakemake.params.launcher,
+            resources=snakemake.params.resources,
+            threads=snakemake.threads,
+            data_root=snakemake.params.data_root,
+            progress=snakemake.params.progress,
+        )
+    except BaseException:
+        traceback.print_exc(file=log)
+        raise
+    log.write(f"{run_dir}: test error {result['test_error']:.2f}% in {result['wall_seconds']:.0f} s\n")
