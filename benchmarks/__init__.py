@@ -1,1 +1,1 @@
-"""Micro-benchmarks, run as ``python -m benchmarks.<name>``."""
+"""Benchmarks, run as modules from the repository root: ``python -m benchmarks.<name>``."""

@@ -376,6 +376,8 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     bad = ConfigError(f"{where}{key}: expected {_type_name(hint)}, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(hint)
+        if isinstance(value, str):  # a quoted list that reached us still quoted: '[True, False]'
+            value = parse_scalar(value)
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):

@@ -1,4 +1,5 @@
 # Median/min/max over seeds per row -> results/tables/<table>.csv (imgclf.pipeline.aggregate_table).
+import _path  # noqa: F401  (Snakemake puts this folder on sys.path)
 import sys
 
 sys.stderr = open(snakemake.log[0], "w")

@@ -1,4 +1,5 @@
 # Prepare + verify one dataset and write its decoded tensor cache (imgclf.data.prepare).
+import _path  # noqa: F401  (Snakemake puts this folder on sys.path)
 import os
 import sys
 

@@ -1,4 +1,5 @@
 # Score one finished seed's final weights on the test set (imgclf.pipeline.evaluate_seed).
+import _path  # noqa: F401  (Snakemake puts this folder on sys.path)
 import os
 import sys
 from pathlib import Path

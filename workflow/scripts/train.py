@@ -1,5 +1,6 @@
 # Train one seed of one run through the configured launcher (imgclf.pipeline.train_seed).
 # The progress bar goes to the terminal; the log keeps the outcome or the traceback.
+import _path  # noqa: F401  (Snakemake puts this folder on sys.path)
 import os
 import traceback
 from pathlib import Path

@@ -19,6 +19,8 @@ import torch
 
 from imgclf.utils import atomic_write_bytes, atomic_write_text
 
+from . import faults
+
 log = logging.getLogger(__name__)
 LATEST, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 
@@ -42,6 +44,7 @@ def save(run_dir: str | Path, state: dict[str, Any]) -> Path:
             os.replace(_sidecar(latest), _sidecar(prev))
     # The sidecar goes first: a checkpoint without a matching sidecar is never trusted.
     atomic_write_text(_sidecar(latest), json.dumps(meta))
+    faults.point("checkpoint")
     atomic_write_bytes(latest, data)
     return latest
 

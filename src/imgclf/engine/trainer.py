@@ -31,7 +31,7 @@ from imgclf.data import DeviceLoader, derive_seed, load as load_data
 from imgclf.models import build as build_model
 from imgclf.utils import atomic_write_text, write_json
 
-from . import checkpoint as ckpt
+from . import checkpoint as ckpt, faults
 from .evaluator import evaluate
 from .precision import Precision
 
@@ -236,6 +236,7 @@ class Trainer:
                 self.scaler.scale(loss / chunks).backward()
             loss_total += loss.detach() / chunks
             correct += (pred_logits.argmax(1) == labels[sl]).sum()
+        faults.point("step")
         if cfg.train.gradient_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.gradient_clip)
@@ -306,7 +307,7 @@ class Trainer:
 
             bar = tqdm(total=epochs * len(self.loader), initial=self.epoch * len(self.loader) + self.step_in_epoch,
                        desc=self.run_dir.parent.name + "/" + self.run_dir.name, unit="step", mininterval=1.0,
-                       dynamic_ncols=True, leave=False)
+                       dynamic_ncols=True, leave=False, disable=None)
         evaluation: dict[str, Any] = {}
         try:
             while self.epoch < epochs:
@@ -340,6 +341,7 @@ class Trainer:
         return self._finish(evaluation)
 
     def _evaluate(self) -> dict[str, Any]:
+        faults.point("eval")
         return evaluate(self.model, self.test_images, self.test_labels, self.eval_transform,
                         batch_size=self.cfg.validation.batch_size, precision=self.precision, rank=self.rank,
                         world_size=self.world_size, channels_last=self.channels_last)

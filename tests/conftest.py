@@ -1,0 +1,49 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "config" / "recipes"
+DIGITS = RECIPES / "digits" / "resnet_preact.yaml"
+# A tiny ResNet-PreAct on the digits: seconds per run on one CPU thread.
+TINY = {"model.resnet_preact.depth": 8, "model.resnet_preact.initial_channels": 8, "scheduler.epochs": 3,
+        "train.batch_size": 128, "train.checkpoint_period": 1, "validation.batch_size": 512}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Dataset caches go to a per-session folder, never the repository's resources/."""
+    os.environ["IMGCLF_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+
+
+def shared_data_root() -> Path | None:
+    """The real datasets: $IMGCLF_TEST_DATA_ROOT, else ../shared/data beside the repository."""
+    root = os.environ.get("IMGCLF_TEST_DATA_ROOT") or str(REPO.parent / "shared" / "data")
+    return Path(root) if Path(root).is_dir() else None
+
+
+@pytest.fixture
+def data_root() -> Path:
+    root = shared_data_root()
+    if root is None:
+        pytest.skip("real datasets not found: set IMGCLF_TEST_DATA_ROOT or place them in ../shared/data")
+    return root
+
+
+def make_run(run_dir: Path, **overrides):
+    """A run directory with a resolved tiny config (digits)."""
+    from imgclf import config as C, runs
+
+    cfg = C.build(DIGITS, {**TINY, **overrides})
+    return runs.prepare(cfg, run_dir, resume=True)
+
+
+def imgclf_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "imgclf", *args]
