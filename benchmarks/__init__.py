@@ -1,1 +1,1 @@
-"""Benchmarks, run as modules from the repository root: ``python -m benchmarks.<name>``."""
+"""Micro-benchmarks, run as ``python -m benchmarks.<name>``."""

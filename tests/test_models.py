@@ -16,16 +16,6 @@ from imgclf.models.summary import summarize
 RECIPES = Path(__file__).resolve().parents[1] / "config" / "recipes" / "cifar"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared CPU two threads
-    # fighting other processes ran ~10x slower than one.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @contextlib.contextmanager
 def shapes_only():
     """Build on the meta device with initializers switched off: a 68M-parameter model then costs

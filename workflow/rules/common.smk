@@ -17,7 +17,8 @@ RUNS_DIR = Path("results/runs")
 
 try:
     PLAN = imgclf_plan.Plan.from_dir(
-        TABLES_DIR, RECIPES_DIR, defaults=config.get("resources", {}), schema="workflow/schemas/table.schema.yaml"
+        TABLES_DIR, RECIPES_DIR, defaults=config.get("resources", {}),
+        schema=Path(workflow.basedir) / "schemas" / "table.schema.yaml",
     )
 except SpecError as e:
     raise WorkflowError(str(e)) from None
@@ -69,7 +70,7 @@ def get_job_time(wildcards):
     return get_run(wildcards).resources.get("time_min", 60)
 
 
-def get_table_evals(wildcards):
+def get_table_seeds(wildcards):
     if wildcards.table not in PLAN.tables:
         raise WorkflowError(f"no table spec config/tables/{wildcards.table}.yaml")
-    return PLAN.eval_files(wildcards.table, RUNS_DIR)
+    return PLAN.seed_files(wildcards.table, RUNS_DIR)

@@ -1,7 +1,7 @@
 rule aggregate:
     input:
         spec="config/tables/{table}.yaml",
-        evals=get_table_evals,
+        seeds=get_table_seeds,
     output:
         "results/tables/{table}.csv",
     log:

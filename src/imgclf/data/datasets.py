@@ -7,6 +7,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,22 +96,31 @@ def _read(name: str, folder: Path) -> dict:
     return readers.read_cifar(folder, name)
 
 
-def _stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    x = images.to(torch.float64).div_(255)
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3))
-    return mean.tolist(), std.tolist()
+def _stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (unbiased) std in [0, 1], from exact integer sums over chunks: no
+    float64 copy of the whole dataset (1.2 GB for CIFAR's training set)."""
+    c = images.shape[1]
+    s, ss = [0] * c, [0] * c
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].to(torch.int64)
+        s = [a + int(b) for a, b in zip(s, x.sum(dim=(0, 2, 3)).tolist())]
+        ss = [a + int(b) for a, b in zip(ss, (x * x).sum(dim=(0, 2, 3)).tolist())]
+    n = images.numel() // c
+    mean = [a / (n * 255) for a in s]
+    std = [((n * b - a * a) / (n * (n - 1))) ** 0.5 / 255 if n > 1 else float("nan") for a, b in zip(s, ss)]
+    return mean, std
 
 
 def _fingerprint(folder: Path) -> str:
-    """Names, sizes and mtimes of the source files: a changed file invalidates the cache."""
+    """The folder's location and its files' names, sizes and mtimes (ns): a changed file, or another
+    folder with the same dataset name, invalidates the cache."""
     if not folder.is_dir():
         return "builtin"
-    h = hashlib.sha256()
+    h = hashlib.sha256(str(folder.resolve()).encode())
     for p in sorted(folder.rglob("*")):
         if p.is_file():
             st = p.stat()
-            h.update(f"{p.relative_to(folder)}:{st.st_size}:{int(st.st_mtime)}".encode())
+            h.update(f"\0{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
@@ -175,19 +185,29 @@ def _copy_tree(src: Path, target: Path) -> None:
 
 
 def _unpack(archive: Path, target: Path, name: str) -> None:
-    if not tarfile.is_tarfile(archive):
+    try:
+        is_tar = tarfile.is_tarfile(archive)
+    except OSError as e:
+        raise DataError(f"{archive}: cannot read ({e})") from None
+    if not is_tar:
         raise DataError(f"{archive}: not a tar archive (expected the official .tar.gz or the JPEG-copy .tgz)")
     staging = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None, prefix=".unpack-"))
     try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(staging, filter="data")  # 'data' refuses absolute paths, links out, devices
+        try:
+            with tarfile.open(archive) as tar:
+                # 'data' strips leading '/', refuses members or links that land outside, and devices.
+                tar.extractall(staging, filter="data")
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise DataError(f"{archive}: cannot unpack ({type(e).__name__}: {e})") from None
         # Find the folder that holds the data: python batches, or train/ + test/ image folders.
+        batches_dir = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}.get(name)
         for cand in [staging, *sorted(p for p in staging.rglob("*") if p.is_dir())]:
             if (cand / "train").is_dir() and (cand / "test").is_dir():
                 _copy_tree(cand, target)
                 return
-            if (cand / "test_batch").is_file() or (cand / "test").is_file():
-                _copy_tree(cand.parent, target) if cand.parent != staging else _copy_tree(cand, target / cand.name)
+            if batches_dir and ((cand / "test_batch").is_file() or (cand / "test").is_file()):
+                # The batches go to <target>/<official folder name>, wherever the archive kept them.
+                shutil.copytree(cand, target / batches_dir, dirs_exist_ok=True)
                 return
         raise DataError(f"{archive}: holds neither CIFAR python batches nor train/ and test/ image folders")
     finally:

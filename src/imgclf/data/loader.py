@@ -27,6 +27,8 @@ class DeviceLoader:
                  device: torch.device | str = "cpu"):
         if batch_size % world_size:
             raise ValueError(f"train.batch_size {batch_size} is not divisible by the world size {world_size}")
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"batch_size {batch_size} must be >= 1 and rank {rank} in [0, {world_size})")
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last

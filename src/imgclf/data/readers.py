@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ def _open_idx(folder: Path, stem: str) -> tuple[bytes, Path]:
         if path.is_file():
             try:
                 raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
-            except (OSError, EOFError) as e:
+            except (OSError, EOFError, zlib.error) as e:
                 raise DataError(f"{path}: cannot decompress ({e}); the file is truncated or corrupt") from None
             return raw, path
     raise DataError(f"{folder}: missing {stem}[.gz] (expected the four IDX files of the official release)")
@@ -93,13 +94,19 @@ def read_idx(folder: Path, name: str) -> dict:
         for kind, ndim in (("images-idx3-ubyte", 3), ("labels-idx1-ubyte", 1)):
             stem = f"{prefix}-{kind}"
             raw, path = _open_idx(folder, stem)
-            want = IDX_MD5.get(name, {}).get(stem)
-            if want and hashlib.md5(raw).hexdigest() != want:
-                raise DataError(f"{path}: MD5 {hashlib.md5(raw).hexdigest()} != published {want}; re-download it")
+            # Structure first (wrong magic / truncated say so precisely), then the published checksum.
             arrays.append(_parse_idx(raw, path, ndim))
+            want = IDX_MD5.get(name, {}).get(stem)
+            if want and (got := hashlib.md5(raw).hexdigest()) != want:
+                raise DataError(f"{path}: MD5 {got} != published {want}; re-download it")
         images, labels = arrays
         if len(images) != len(labels):
             raise DataError(f"{folder}: {split} has {len(images)} images but {len(labels)} labels")
+        if len(images) != IDX_SIZES[split]:
+            raise DataError(f"{folder}: {split} has {len(images)} images, expected the official {IDX_SIZES[split]}"
+                            f" ({prefix}-* files swapped or not the official release?)")
+        if labels.size and int(labels.max()) >= len(IDX_CLASSES[name]):
+            raise DataError(f"{folder}: {split} labels go up to {int(labels.max())}, expected 0..{len(IDX_CLASSES[name]) - 1}")
         if images.shape[1:] != (28, 28):
             raise DataError(f"{folder}: {split} images are {images.shape[1:]}, expected 28x28")
         out[split] = (torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)))
@@ -111,9 +118,12 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as f:
             # The official CIFAR batches are pickles of plain dicts of numpy arrays and lists; an
             # Unpickler restricted to numpy's array reconstruction refuses anything else.
-            return _SafeUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise DataError(f"{path}: not a CIFAR python batch ({e})") from None
+            d = _SafeUnpickler(f, encoding="latin1").load()
+    except Exception as e:  # noqa: BLE001 - any malformed pickle: UnpicklingError, EOFError, KeyError, ...
+        raise DataError(f"{path}: not a CIFAR python batch ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: not a CIFAR python batch (holds a {type(d).__name__}, expected a dict)")
+    return d
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -164,11 +174,18 @@ def read_cifar(folder: Path, name: str) -> dict:
             if not path.is_file():
                 raise DataError(f"{path}: missing (expected the official batches {', '.join(names)})")
             d = _unpickle(path)
+            if "data" not in d or label_key not in d:
+                raise DataError(f"{path}: keys {sorted(map(str, d))}, expected 'data' and '{label_key}'")
             data = np.asarray(d["data"], dtype=np.uint8)
             if data.ndim != 2 or data.shape[1] != 3072:
                 raise DataError(f"{path}: data has shape {data.shape}, expected (N, 3072)")
+            lab = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
+            if len(lab) != len(data):
+                raise DataError(f"{path}: {len(data)} images but {len(lab)} labels")
+            if len(lab) and (lab.min() < 0 or lab.max() >= len(classes)):
+                raise DataError(f"{path}: labels {lab.min()}..{lab.max()}, expected 0..{len(classes) - 1}")
             images.append(data.reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(d[label_key], dtype=np.int64))
+            labels.append(lab)
         x, y = np.concatenate(images), np.concatenate(labels)
         if len(x) != CIFAR_SIZES[split]:
             raise DataError(f"{batches}: {split} has {len(x)} images, expected {CIFAR_SIZES[split]}")
@@ -205,6 +222,8 @@ def read_image_folder(folder: Path) -> dict:
                     raise DataError(f"{path}: cannot decode image ({e})") from None
                 images.append(img)
                 labels.append(label)
+        if not images:
+            raise DataError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
         shapes = {tuple(i.shape) for i in images}
         if len(shapes) != 1:
             raise DataError(f"{root}: images differ in size/channels {sorted(shapes)[:3]}; expected one shape")

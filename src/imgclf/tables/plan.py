@@ -67,9 +67,22 @@ class Plan:
             tables[path.stem] = S.load(path, recipes_dir)
         return cls(tables, defaults)
 
-    def eval_files(self, table: str, runs_dir: str | Path) -> list[str]:
+    def seed_files(self, table: str, runs_dir: str | Path) -> list[str]:
+        """The aggregation's inputs: result.json and eval.json of every seed, and the seed's folder.
+
+        Snakemake re-creates a missing intermediate file only when something downstream must
+        run; deleting a file updates its folder's mtime, which makes the aggregation (and so
+        exactly that seed's missing jobs) run again."""
         t = self.tables[table]
-        return [str(Path(runs_dir) / r.run_id / f"seed{s}" / "eval.json") for r in t.rows if r.run_id for s in r.seeds]
+        out = []
+        for r in t.rows:
+            if r.run_id:
+                for s in r.seeds:
+                    seed_dir = Path(runs_dir) / r.run_id / f"seed{s}"
+                    out += [str(seed_dir / "result.json"), str(seed_dir / "eval.json")]
+                    if seed_dir.is_dir():
+                        out.append(str(seed_dir))
+        return out
 
     def summary(self, runs_dir: str | Path = "results/runs") -> str:
         runs_dir = Path(runs_dir)

@@ -1,0 +1,104 @@
+"""The Snakemake workflow end to end on a tiny table: plan, build, no-op, re-run one seed."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile")]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A working directory with the repository's recipes and a 2-row x 2-seed tiny table."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(REPO / "config" / "recipes", root / "config" / "recipes")
+    (root / "config" / "tables").mkdir()
+    overrides = {k: v for k, v in TINY.items() if k != "scheduler.epochs"}
+    table = {"title": "Tiny", "seeds": [0, 1], "rows": [
+        {"id": "depth8", "label": "ResNet-preact-8", "recipe": "digits/resnet_preact.yaml",
+         "overrides": {**overrides, "scheduler.epochs": 2}, "reported": {"result": 5.0, "paper": "n/a"}},
+        {"id": "depth8_lr", "label": "ResNet-preact-8, lr 0.05", "recipe": "digits/resnet_preact.yaml",
+         "overrides": {**overrides, "scheduler.epochs": 2, "train.base_lr": 0.05}},
+        {"id": "paper_only", "label": "A paper-only row", "recipe": "digits/resnet_preact.yaml",
+         "train": False, "reported": {"paper": "1.23"}},
+    ]}
+    (root / "config" / "tables" / "tiny.yaml").write_text(yaml.safe_dump(table, sort_keys=False))
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg.update(tables=["tiny"], progress=False)
+    (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def snakemake(project, *args, check=True):
+    env = {**os.environ, "IMGCLF_CACHE_DIR": str(project / "resources" / "cache")}
+    out = subprocess.run([*SNAKEMAKE, "--directory", str(project), "--cores", "2", *args], cwd=project,
+                         env=env, capture_output=True, text=True)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def planned_jobs(out) -> dict[str, int]:
+    """The 'Job stats' block of a dry run: {rule: count}."""
+    text = out.stdout + out.stderr
+    if "Nothing to be done" in text:
+        return {}
+    block = text.split("Job stats:")[1].split("total")[0]
+    return {line.split()[0]: int(line.split()[1]) for line in block.strip().splitlines()[2:] if line.strip()}
+
+
+def test_workflow_builds_reruns_one_seed_and_is_idempotent(project):
+    dry = snakemake(project, "-n")
+    assert planned_jobs(dry) == {"data": 1, "train": 4, "evaluate": 4, "aggregate": 1, "render": 1, "all": 1}
+    assert "imgclf plan: 1 tables, 3 rows -> 2 distinct runs, 4 run-seeds (0 done, 4 to train)" in dry.stderr
+
+    snakemake(project)
+    md = (project / "results" / "tables" / "tiny.md").read_text()
+    assert "| ResNet-preact-8 " in md and "A paper-only row" in md
+    assert "Test Error (median of 2 runs)" in md
+    csv = (project / "results" / "tables" / "tiny.csv").read_text().splitlines()
+    assert len(csv) == 4 and all(",2,2," in line for line in csv[1:3])  # n_seeds, n_done
+    assert planned_jobs(snakemake(project, "-n")) == {}
+
+    runs = sorted((project / "results" / "runs").iterdir())
+    victim = runs[0] / "seed1" / "result.json"
+    survivor = runs[1] / "seed0" / "result.json"
+    before = survivor.stat().st_mtime_ns
+    victim.unlink()
+    assert planned_jobs(snakemake(project, "-n")) == {"train": 1, "evaluate": 1, "aggregate": 1, "render": 1,
+                                                      "all": 1}
+    snakemake(project)
+    assert victim.is_file() and survivor.stat().st_mtime_ns == before
+
+
+def test_one_seed_target_builds_alone(project):
+    run = sorted((project / "results" / "runs").iterdir())[0]
+    out = snakemake(project, "-n", str(run.relative_to(project) / "seed0" / "eval.json"), "--forcerun", "train")
+    assert planned_jobs(out) == {"train": 1, "evaluate": 1}
+
+
+def test_malformed_table_fails_at_planning_with_one_line(project, tmp_path):
+    bad = project / "config" / "tables" / "broken.yaml"
+    bad.write_text("title: x\nrows:\n  - {id: a, label: A, recipe: digits/nope.yaml}\n")
+    try:
+        out = snakemake(project, "-n", check=False)
+    finally:
+        bad.unlink()
+    assert out.returncode != 0
+    assert "broken.yaml: row 'a': recipe 'digits/nope.yaml' not found" in out.stdout + out.stderr
+    assert not (project / "results" / "tables" / "broken.md").exists()
+
+
+def test_conda_env_pins_match_pyproject():
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = yaml.safe_load((REPO / "workflow" / "envs" / "imgclf.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert sorted(pip) == sorted(deps)
