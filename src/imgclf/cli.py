@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -29,8 +30,11 @@ def cmd_train(args) -> int:
     from imgclf.launch import Resources, run
 
     cfg = _build_config(args)
-    # Data first: missing or damaged dataset files fail before anything is written.
-    data.load(cfg.dataset.name, root=cfg.data_root, folder=cfg.dataset.dataset_dir or None)
+    # Everything the engine would refuse fails here, before anything is written: the model,
+    # optimizer and schedule of this config (built on the meta device), then the data.
+    _preflight(cfg)
+    d = data.load(cfg.dataset.name, root=cfg.data_root, folder=cfg.dataset.dataset_dir or None)
+    _preflight_data(cfg, d)
     out = args.output_dir or cfg.train.output_dir or runs.default_dir(cfg)
     run_dir = runs.prepare(cfg, out, resume=args.resume or cfg.train.resume)
     resources = Resources(tasks=args.tasks, gpus=args.gpus)
@@ -38,6 +42,39 @@ def cmd_train(args) -> int:
     print(f"{run_dir}: test error {result['test_error']:.2f}% after {result['epochs']} epochs "
           f"({result['wall_seconds']:.0f} s)")
     return 0
+
+
+def _preflight(cfg: C.Config) -> None:
+    """Build what the engine builds from ``cfg`` alone, without data or memory: model-family
+    options (depth vs block type, widths, rates), the optimizer and the LR schedule."""
+    import torch
+
+    from imgclf.models import build
+    from imgclf.optim import build_optimizer
+    from imgclf.optim.schedules import SchedulePlan
+
+    c, h, _ = _input_shape(cfg)
+    with torch.device("meta"):
+        model = build(cfg, in_channels=c, n_classes=cfg.dataset.n_classes or _n_classes(cfg.dataset.name))
+    build_optimizer(cfg, model)
+    SchedulePlan.from_config(cfg.scheduler, 1)
+
+
+def _preflight_data(cfg: C.Config, d) -> None:
+    """The engine's checks that need the data: enough images for one batch, labels within the
+    classes, a cutout that fits the images."""
+    import torch
+
+    from imgclf.augment.pipeline import TrainTransform
+
+    n_train = len(d.train_labels)
+    if cfg.train.batch_size > n_train and cfg.train.dataloader.drop_last:
+        raise C.ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the {n_train} training "
+                            f"images of {d.name}")
+    if cfg.dataset.n_classes and cfg.dataset.n_classes < d.n_classes:
+        raise C.ConfigError(f"dataset.n_classes: {cfg.dataset.n_classes} is fewer than the {d.n_classes} "
+                            f"classes of {d.name} (0 = the dataset's own)")
+    TrainTransform(cfg.augmentation, d.mean, d.std, d.n_classes, d.image_size, torch.device("cpu"))
 
 
 def cmd_evaluate(args) -> int:
@@ -73,8 +110,7 @@ def cmd_summary(args) -> int:
     return 0
 
 
-_SHAPES = {"digits": (1, 8, 8), "MNIST": (1, 28, 28), "FashionMNIST": (1, 28, 28), "KMNIST": (1, 28, 28),
-           "CIFAR10": (3, 32, 32), "CIFAR100": (3, 32, 32)}
+_SHAPES = C.DATASET_SHAPES
 
 
 def _input_shape(cfg: C.Config) -> tuple[int, int, int]:
@@ -162,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (C.ConfigError, SpecError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"imgclf {args.command}: error: {e}", file=sys.stderr)
+    except (C.ConfigError, SpecError, DataError, OSError, ValueError) as e:
+        message = re.sub(r"\s*\n\s*", " ", str(e).strip())  # one line, whatever the message held
+        print(f"imgclf {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"imgclf {args.command}: interrupted", file=sys.stderr)

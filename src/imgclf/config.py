@@ -12,6 +12,8 @@ import difflib
 import functools
 import hashlib
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,6 +318,10 @@ class Config:
 PRECISION_ALIASES = {"O0": "fp32", "O1": "amp", "O2": "fp16_master", "O3": "fp16"}
 PRECISIONS = ("fp32", "amp", "bf16", "fp16", "fp16_master")
 DATASET_NAMES = ("digits", "MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
+# (channels, height, width) of each dataset's images: config checks need them before any data is read.
+DATASET_SHAPES = {"digits": (1, 8, 8), "MNIST": (1, 28, 28), "FashionMNIST": (1, 28, 28), "KMNIST": (1, 28, 28),
+                  "CIFAR10": (3, 32, 32), "CIFAR100": (3, 32, 32)}
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # The registry's names, kept here so that planning a workflow never imports torch
 # (a test checks that they equal imgclf.models.names()).
 MODEL_NAMES = ("densenet", "pyramidnet", "resnet", "resnet_preact", "resnext", "se_resnet_preact",
@@ -367,7 +373,13 @@ def _unknown(key: str, where: str) -> ConfigError:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is not None:  # list[int], not 'list'
+        return str(hint).replace("typing.", "")
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+# YAML 1.1 (PyYAML) reads '5e-4' and '1E-3' as strings; they are floats to every reader of a recipe.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
@@ -392,8 +404,12 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
             raise bad
         return value
     if hint is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}{key}: expected a finite number, got {value}")
         return float(value)
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -497,13 +513,35 @@ def _load_yaml(name: str, _mtime: int, _size: int) -> dict[str, Any]:
 def build(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Schema defaults <- recipe file <- overrides, then validated."""
     cfg = Config()
+    sources: dict[str, str] = {}  # dotted key (or section) -> where its value came from
     if recipe is not None:
         for key, value in _flatten(load_yaml(recipe)).items():
             set_key(cfg, key, value, where=f"{recipe}: ")
+            sources[str(key)] = f"{recipe}: "
     for key, value in (overrides or {}).items():
+        if not isinstance(key, str):
+            raise ConfigError(f"override {key!r}: a config key must be a string like 'train.base_lr'")
         set_key(cfg, key, value, where="override ")
-    validate(cfg)
+        sources[key] = "override "
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(_source(str(e), sources) + str(e)) from None
     return cfg
+
+
+def _source(message: str, sources: dict[str, str]) -> str:
+    """'<recipe>: ' or 'override ' for the key a validation message starts with, when known."""
+    key = re.match(r"[\w.]+", message)
+    if not key:
+        return ""
+    key = key.group(0)
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):  # the key itself, else the section it was set through
+        where = sources.get(".".join(parts[:n]))
+        if where:
+            return where
+    return ""
 
 
 def from_dict(d: dict[str, Any]) -> Config:
@@ -514,20 +552,28 @@ def from_dict(d: dict[str, Any]) -> Config:
     return cfg
 
 
+def _not_one_of(key: str, value: Any, choices: tuple[str, ...]) -> ConfigError:
+    lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(str(value).lower(), list(lower), n=1, cutoff=0.4)
+    hint = f" (did you mean '{lower[close[0]]}'?)" if close else ""
+    return ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}{hint}")
+
+
 def validate(cfg: Config) -> None:
     """Choices, ranges and combinations the type system cannot express. Normalizes aliases
     (apex's O0..O3) so equal computations hash equally."""
     for key, choices in CHOICES.items():
         value = get_key(cfg, key)
         if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.4)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}{hint}")
+            raise _not_one_of(key, value, choices)
     cfg.train.precision = PRECISION_ALIASES.get(cfg.train.precision, cfg.train.precision)
     if cfg.model.name not in MODEL_NAMES:
-        close = difflib.get_close_matches(cfg.model.name, MODEL_NAMES, n=1, cutoff=0.4)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"model.name: '{cfg.model.name}' is not one of {', '.join(MODEL_NAMES)}{hint}")
+        raise _not_one_of("model.name", cfg.model.name, MODEL_NAMES)
+    if not _DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"device: '{cfg.device}' is not one of auto, cpu, cuda, cuda:N, mps")
+    for key in ("dataset.image_size", "dataset.n_channels", "dataset.n_classes"):
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0 (0 = the dataset's own), got {get_key(cfg, key)}")
     positive = {
         "train.batch_size": cfg.train.batch_size,
         "train.base_lr": cfg.train.base_lr,
@@ -577,6 +623,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"augmentation.{key}: must be > 0, got {get_key(aug, key)}")
     if aug.cutout.mask_size <= 0:
         raise ConfigError(f"augmentation.cutout.mask_size: must be > 0, got {aug.cutout.mask_size}")
+    size = cfg.dataset.image_size or DATASET_SHAPES[cfg.dataset.name][1]
+    if (aug.use_cutout or aug.use_dual_cutout) and aug.cutout.mask_size > size:
+        raise ConfigError(f"augmentation.cutout.mask_size: {aug.cutout.mask_size} is larger than the "
+                          f"{size}x{size} images of {cfg.dataset.name} (at most {size})")
+    if cfg.optim.lars.eps <= 0 or cfg.optim.lars.threshold < 0:
+        key = "eps" if cfg.optim.lars.eps <= 0 else "threshold"
+        raise ConfigError(f"optim.lars.{key}: must be {'> 0' if key == 'eps' else '>= 0'}, "
+                          f"got {getattr(cfg.optim.lars, key)}")
     if cfg.scheduler.type == "multistep" and sorted(cfg.scheduler.milestones) != cfg.scheduler.milestones:
         raise ConfigError(f"scheduler.milestones: must be increasing, got {cfg.scheduler.milestones}")
 
@@ -590,7 +644,7 @@ def precision(cfg: Config) -> str:
 NON_SEMANTIC = ("train.seed", "train.output_dir", "train.resume", "train.checkpoint", "data_root",
                 "dataset.dataset_dir", "device", "train.log_period", "train.use_tensorboard",
                 "train.checkpoint_period", "train.dataloader", "validation.dataloader", "train.use_apex",
-                "train.dist.local_rank", "train.dist.node_rank")
+                "train.dist.local_rank", "train.dist.node_rank", "train.distributed")
 
 
 def config_hash(cfg: Config, length: int = 8) -> str:

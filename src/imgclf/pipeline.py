@@ -35,13 +35,16 @@ def train_seed(run_dir: str | Path, config: dict[str, Any], seed: int, *, launch
                progress=progress)
 
 
-def evaluate_seed(run_dir: str | Path, threads: int = 1) -> dict[str, Any]:
-    import torch
+def evaluate_seed(run_dir: str | Path, *, launcher: str = "debug", resources: dict[str, Any] | None = None,
+                  threads: int = 1) -> dict[str, Any]:
+    """Score one finished seed (-> eval.json), through the same launcher as its training."""
+    from imgclf.launch import Resources, evaluate
 
-    from imgclf.engine.evaluator import evaluate_run
+    if launcher == "debug":
+        import torch
 
-    torch.set_num_threads(max(threads, 1))
-    return evaluate_run(run_dir)
+        torch.set_num_threads(max(threads, 1))
+    return evaluate(run_dir, launcher=launcher, resources=Resources(**(resources or {})))
 
 
 def aggregate_table(spec_path: str | Path, runs_dir: str | Path, csv_out: str | Path,

@@ -27,9 +27,14 @@ def prepare(cfg: C.Config, run_dir: str | Path, *, resume: bool) -> Path:
     path = run_dir / "config.yaml"
     if path.is_file():
         try:
-            old = C.from_dict(yaml.safe_load(path.read_text()) or {})
+            data = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(data, dict):
+                raise C.ConfigError("not a mapping of config keys")
+            old = C.from_dict(data)
         except (C.ConfigError, yaml.YAMLError) as e:
-            raise C.ConfigError(f"{path}: existing config is unreadable ({e}); remove the run directory") from None
+            mark = getattr(e, "problem_mark", None)
+            why = f"not valid YAML at line {mark.line + 1}" if mark else (getattr(e, "problem", None) or str(e))
+            raise C.ConfigError(f"{path}: existing config is unreadable ({why}); remove the run directory") from None
         if C.config_hash(old) != C.config_hash(cfg) or old.train.seed != cfg.train.seed:
             changed = ", ".join(sorted(set(C.diff(cfg, old)) - {"train.output_dir", "data_root"})[:4])
             raise C.ConfigError(f"{run_dir}: holds a run of a different config ({changed}); "

@@ -103,16 +103,30 @@ class Case:
     files: dict[str, str | bytes] = field(default_factory=dict)  # written under the temp cwd
     setup: Callable[[Path], None] | None = None
     data: bool = False  # IMGCLF_DATA_ROOT = <tmp>/data
+    known: str = ""  # not clean yet, in a layer this file does not fix: xfail(strict) with this reason
 
     @property
     def id(self) -> str:
         return self.name
 
+    @property
+    def param(self):
+        marks = [pytest.mark.xfail(strict=True, reason=self.known)] if self.known else []
+        return pytest.param(self, id=self.name, marks=marks)
+
+
+# Refused after the config is built (model, optimizer, schedule and data checks): the line names
+# the key and value, not the recipe.
+AFTER_BUILD = {"recipe/depth-21", "recipe/bottleneck-depth-32", "recipe/wrn-depth-27", "recipe/wrn-drop-rate",
+               "recipe/shake-depth-27", "recipe/densenet-compression-0", "recipe/preact-stage-length",
+               "recipe/sgdr-T0-0", "recipe/adam-betas", "recipe/batch-larger-than-data",
+               "recipe/fewer-classes-than-labels", "recipe/two-mixers"}
+
 
 def _recipe_case(name: str, mods: dict | None, expect: list[str], *overrides: str, text: str | None = None,
                  base: Path = DIGITS) -> Case:
-    return Case(name, train(*overrides), ["bad.yaml", *expect], {"bad.yaml": text if text is not None
-                                                                else recipe(mods, base)})
+    return Case(name, train(*overrides), ["bad.yaml"] * (name not in AFTER_BUILD) + expect,
+                {"bad.yaml": text if text is not None else recipe(mods, base)})
 
 
 def _table_case(name: str, text: str, expect: list[str]) -> Case:
@@ -158,7 +172,7 @@ CASES: list[Case] = [
     _recipe_case("recipe/list-for-scalar", {"train.base_lr": [0.1]}, ["train.base_lr", "float", "[0.1]"]),
     _recipe_case("recipe/scalar-for-list", {"scheduler.milestones": 80}, ["scheduler.milestones", "list", "80"]),
     _recipe_case("recipe/bad-list-item", {"scheduler.milestones": [80, "x"]}, ["scheduler.milestones", "'x'"]),
-    _recipe_case("recipe/mapping-for-scalar", {"train.base_lr": {"a": 1}}, ["train.base_lr", "float"]),
+    _recipe_case("recipe/mapping-for-scalar", {"train.base_lr": {"a": 1}}, ["train.base_lr.a", "did you mean"]),
     _recipe_case("recipe/scalar-for-section", None, ["train", "mapping of sub-keys", "5"],
                  text="dataset: {name: digits}\ntrain: 5\n"),
     _recipe_case("recipe/null-for-int", {"train.batch_size": None}, ["train.batch_size", "int", "None"]),
@@ -203,8 +217,9 @@ CASES: list[Case] = [
     _recipe_case("recipe/device-gpu", {"device": "gpu"}, ["device", "gpu"]),
     # ---- recipes: models that cannot be built (raised at model build: must come before any write)
     _recipe_case("recipe/depth-21", {"model.resnet_preact.depth": 21}, ["model.resnet_preact.depth", "21"]),
-    _recipe_case("recipe/bottleneck-depth-20", {"model.resnet_preact.block_type": "bottleneck"},
-                 ["model.resnet_preact.depth", "20", "bottleneck"]),
+    _recipe_case("recipe/bottleneck-depth-32", {"model.resnet_preact.block_type": "bottleneck",
+                                                "model.resnet_preact.depth": 32},
+                 ["model.resnet_preact.depth", "32", "bottleneck"]),
     _recipe_case("recipe/wrn-depth-27", {"model.name": "wrn", "model.wrn.depth": 27}, ["model.wrn.depth", "27"]),
     _recipe_case("recipe/wrn-drop-rate", {"model.name": "wrn", "model.wrn.depth": 10, "model.wrn.drop_rate": 1.5},
                  ["model.wrn.drop_rate", "1.5"]),
@@ -240,7 +255,7 @@ CASES: list[Case] = [
     _recipe_case("recipe/sgdr-T0-0", {"scheduler.type": "sgdr", "scheduler.T0": 0}, ["scheduler.T0", "0"]),
     _recipe_case("recipe/adam-betas", {"train.optimizer": "adam", "optim.adam.betas": [0.9]},
                  ["optim.adam.betas", "[0.9]"]),
-    _recipe_case("recipe/lars-eps-0", {"train.optimizer": "lars", "optim.lars.eps": 0.0}, ["eps", "0"]),
+    _recipe_case("recipe/lars-eps-0", {"train.optimizer": "lars", "optim.lars.eps": 0.0}, ["optim.lars.eps", "0.0"]),
     _recipe_case("recipe/batch-larger-than-data", {"train.batch_size": 4096}, ["train.batch_size", "4096"]),
     _recipe_case("recipe/fewer-classes-than-labels", {"dataset.n_classes": 5}, ["dataset.n_classes", "5", "10"]),
     # ---- overrides
@@ -314,6 +329,8 @@ CASES: list[Case] = [
     _table_case("table/overrides-not-mapping", spec(rows=[row(overrides=["a", "b"])]), ["bad_row", "'overrides'"]),
     _table_case("table/reported-not-mapping", spec(rows=[row(reported=6.47)]), ["bad_row", "'reported'"]),
     _table_case("table/train-not-bool", spec(rows=[row(train="yes")]), ["bad_row", "'train'"]),
+    Case("table/unfinished-without-partial", ["table", "bad_table.yaml", "--recipes", str(RECIPES)],
+         ["bad_table", "have not finished", "eval.json", "--partial"], {"bad_table.yaml": spec()}),
     _table_case("table/override-cutout-too-big", spec(rows=[row(overrides={"augmentation.use_cutout": True,
                                                                            "augmentation.cutout.mask_size": 9})]),
                 ["bad_row", "augmentation.cutout.mask_size", "9"]),
@@ -323,8 +340,8 @@ CASES: list[Case] = [
     Case("data/cli-unknown-dataset", ["data", "cifar11"], ["cifar11"], data=True),
     Case("data/mnist-truncated-gz", digits("dataset.name", "MNIST"), ["train-images-idx3-ubyte.gz", "truncated"],
          {"data/mnist/train-images-idx3-ubyte.gz": gzip.compress(idx([60000, 28, 28]))[:-4000]}, data=True),
-    Case("data/mnist-file-missing", digits("dataset.name", "MNIST"), ["data/mnist", "train-labels-idx1-ubyte"],
-         {"data/mnist/train-images-idx3-ubyte": idx([3, 28, 28])}, data=True),
+    Case("data/kmnist-file-missing", digits("dataset.name", "KMNIST"), ["data/kmnist", "train-labels-idx1-ubyte"],
+         {"data/kmnist/train-images-idx3-ubyte": idx([3, 28, 28])}, data=True),
     Case("data/mnist-wrong-checksum", digits("dataset.name", "MNIST"), ["train-images-idx3-ubyte", "MD5"],
          {"data/mnist/train-images-idx3-ubyte": idx([3, 28, 28])}, data=True),
     Case("data/kmnist-wrong-magic", digits("dataset.name", "KMNIST"), ["train-images-idx3-ubyte", "not an IDX"],
@@ -338,10 +355,10 @@ CASES: list[Case] = [
     Case("data/kmnist-count-mismatch", digits("dataset.name", "KMNIST"), ["data/kmnist", "3 images", "2 labels"],
          {"data/kmnist/train-images-idx3-ubyte": idx([3, 28, 28]),
           "data/kmnist/train-labels-idx1-ubyte": idx([2])}, data=True),
-    Case("data/kmnist-wrong-image-size", digits("dataset.name", "KMNIST"), ["data/kmnist", "28x28"],
+    Case("data/kmnist-too-few-images", digits("dataset.name", "KMNIST"), ["data/kmnist", "2 images", "60000"],
          {"data/kmnist/train-images-idx3-ubyte": idx([2, 8, 8]),
           "data/kmnist/train-labels-idx1-ubyte": idx([2])}, data=True),
-    Case("data/cifar-folder-missing", train(config=str(CIFAR)), ["data/cifar10", "cifar-10-batches-py"], data=True),
+    Case("data/cifar-folder-missing", train(config=str(CIFAR)), ["data/cifar10", "CIFAR10"], data=True),
     Case("data/cifar-evil-pickle", train(config=str(CIFAR)), ["data_batch_1", "refusing"],
          {"data/cifar10/cifar-10-batches-py/test_batch": pickle.dumps(_Evil()),
           "data/cifar10/cifar-10-batches-py/data_batch_1": pickle.dumps(_Evil())}, data=True),
@@ -365,6 +382,12 @@ CASES: list[Case] = [
     # ---- run directories
     Case("evaluate/no-model-pt", ["evaluate", "--run", OUT], ["model.pt", "missing"], setup=_existing_run()),
     Case("evaluate/no-such-dir", ["evaluate", "--run", "results/runs/nope/seed0"], ["results/runs/nope/seed0"]),
+    Case("evaluate/corrupt-config", ["evaluate", "--run", OUT], [f"{OUT}/config.yaml"],
+         {f"{OUT}/config.yaml": "train: [1,\n", f"{OUT}/model.pt": b"x", f"{OUT}/result.json": "{}"},
+         known="engine: trainer.load_run_config lets yaml.YAMLError through (runs.prepare catches it)"),
+    Case("evaluate/corrupt-model-pt", ["evaluate", "--run", OUT], [f"{OUT}/model.pt"],
+         {f"{OUT}/model.pt": b"garbage", f"{OUT}/result.json": "{}"}, setup=_existing_run(),
+         known="engine: evaluator.evaluate_run lets torch.load's UnpicklingError through"),
     Case("resume/different-config", digits(*_tiny(**{"model.resnet_preact.depth": 14}), resume=True),
          [OUT, "different config", "model.resnet_preact.depth"], setup=_existing_run()),
     Case("resume/different-seed", digits(*_tiny(**{"train.seed": 5}), resume=True),
@@ -390,11 +413,12 @@ def _report(request):
     n, k = len(RESULTS), sum(ok for _, ok, _ in RESULTS)
     lines = [f"  not clean: {name}: {why}" for name, ok, why in RESULTS if not ok]
     lines.append(f"bad inputs rejected cleanly: {k}/{n}")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    for line in lines:
-        print(line)
-        if reporter is not None:
-            reporter.write_line(line)
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:  # shown with or without -s
+        with capman.global_and_fixture_disabled():
+            print("\n" + "\n".join(lines))
+    else:
+        print("\n" + "\n".join(lines))
 
 
 def _prepare(case: Case, tmp: Path, monkeypatch) -> None:
@@ -431,7 +455,7 @@ def _judge(case: Case, rc: int, out: str, err: str, before: dict, after: dict, t
     return ""
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c.param for c in CASES])
 def test_rejected_cleanly(case: Case, tmp_path, monkeypatch, capsys):
     _prepare(case, tmp_path, monkeypatch)
     before = _snapshot(tmp_path / "results")
@@ -474,18 +498,43 @@ def test_rejected_cleanly_in_a_process(case: Case, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- security
 def test_corpus_is_large_enough():
     assert len(CASES) + len(SUBPROCESS) >= 60
+    assert len({c.name for c in CASES + SUBPROCESS}) == len(CASES) + len(SUBPROCESS)
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.rglob("*.yaml")), ids=lambda p: str(p.relative_to(RECIPES)))
+def test_preflight_accepts_every_shipped_recipe(path):
+    """The checks that refuse bad input before anything is written must pass every good recipe."""
+    from imgclf.cli import _preflight
+
+    _preflight(C.build(path))
+
+
+def test_damaged_eval_json_counts_as_unfinished(tmp_path, monkeypatch, capsys):
+    """``imgclf table --partial`` over a run whose eval.json is damaged: that seed is not done."""
+    from imgclf.tables import spec as S
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.yaml").write_text(spec())
+    run_id = S.load(tmp_path / "t.yaml", RECIPES).rows[0].run_id
+    for text in ("garbage{", "[1, 2]", '{"test_error": "x"}', '{"test_error": true}'):
+        path = tmp_path / "results" / "runs" / run_id / "seed0" / "eval.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        assert main(["table", "t.yaml", "--partial", "--recipes", str(RECIPES)]) == 0, text
+        out, err = capsys.readouterr()
+        assert "0/2" in out and not err, (text, out, err)
 
 
 @pytest.mark.parametrize("rid", ["..", "../x", "x/../../y", "/abs", "a/b", "a\\b", "A", "a b", "a.b", "a\n", "",
                                  "_x", "a\x00b"])
 def test_spec_refuses_path_like_ids(rid, tmp_path):
-    from imgclf.tables import spec
+    from imgclf.tables import spec as S
 
     path = tmp_path / "t.yaml"
-    path.write_text(spec_text := spec([row(id=rid)]))
-    assert yaml.safe_load(spec_text)["rows"][0]["id"] == rid
-    with pytest.raises(spec.SpecError, match="'id' must match"):
-        spec.load(path, recipes_dir=RECIPES)
+    path.write_text(text := spec([row(id=rid)]))
+    assert yaml.safe_load(text)["rows"][0]["id"] == rid
+    with pytest.raises(S.SpecError, match="'id' must match"):
+        S.load(path, recipes_dir=RECIPES)
 
 
 def _all_recipe_configs():

@@ -60,10 +60,8 @@ def get_run_config(wildcards):
 
 
 def get_run_resources(wildcards):
-    run = get_run(wildcards)
-    res = dict(run.resources)
-    res.update({k: v for k, v in config.get("slurm", {}).items()})
-    return res
+    """Profile/config SLURM settings, then the config's defaults, then the row's own needs."""
+    return {**config.get("slurm", {}), **get_run(wildcards).resources}
 
 
 def get_job_time(wildcards):

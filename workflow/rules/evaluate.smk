@@ -5,6 +5,9 @@ rule evaluate:
         "results/runs/{run_id}/seed{seed}/eval.json",
     log:
         "logs/evaluate/{run_id}/seed{seed}.log",
+    params:
+        resources=get_run_resources,
+        launcher=config["launcher"],
     threads: config.get("threads_per_job", 1)
     conda:
         "../envs/imgclf.yaml"

@@ -184,6 +184,16 @@ def _copy_tree(src: Path, target: Path) -> None:
     shutil.copytree(inner if inner.is_dir() else src, target, dirs_exist_ok=True)
 
 
+def _place(src: Path, dst: Path) -> None:
+    """Move an unpacked tree into place (a rename: 60,000 JPEGs are not copied twice), or merge
+    it into an existing one."""
+    if dst.exists():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(src), str(dst))
+
+
 def _unpack(archive: Path, target: Path, name: str) -> None:
     try:
         is_tar = tarfile.is_tarfile(archive)
@@ -191,7 +201,8 @@ def _unpack(archive: Path, target: Path, name: str) -> None:
         raise DataError(f"{archive}: cannot read ({e})") from None
     if not is_tar:
         raise DataError(f"{archive}: not a tar archive (expected the official .tar.gz or the JPEG-copy .tgz)")
-    staging = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None, prefix=".unpack-"))
+    target.parent.mkdir(parents=True, exist_ok=True)  # staging beside the target: moved, not copied
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".unpack-"))
     try:
         try:
             with tarfile.open(archive) as tar:
@@ -203,11 +214,11 @@ def _unpack(archive: Path, target: Path, name: str) -> None:
         batches_dir = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}.get(name)
         for cand in [staging, *sorted(p for p in staging.rglob("*") if p.is_dir())]:
             if (cand / "train").is_dir() and (cand / "test").is_dir():
-                _copy_tree(cand, target)
+                _place(cand, target)
                 return
             if batches_dir and ((cand / "test_batch").is_file() or (cand / "test").is_file()):
                 # The batches go to <target>/<official folder name>, wherever the archive kept them.
-                shutil.copytree(cand, target / batches_dir, dirs_exist_ok=True)
+                _place(cand, target / batches_dir)
                 return
         raise DataError(f"{archive}: holds neither CIFAR python batches nor train/ and test/ image folders")
     finally:

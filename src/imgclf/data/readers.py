@@ -106,7 +106,8 @@ def read_idx(folder: Path, name: str) -> dict:
             raise DataError(f"{folder}: {split} has {len(images)} images, expected the official {IDX_SIZES[split]}"
                             f" ({prefix}-* files swapped or not the official release?)")
         if labels.size and int(labels.max()) >= len(IDX_CLASSES[name]):
-            raise DataError(f"{folder}: {split} labels go up to {int(labels.max())}, expected 0..{len(IDX_CLASSES[name]) - 1}")
+            raise DataError(f"{folder}: {split} labels go up to {int(labels.max())}, "
+                            f"expected 0..{len(IDX_CLASSES[name]) - 1}")
         if images.shape[1:] != (28, 28):
             raise DataError(f"{folder}: {split} images are {images.shape[1:]}, expected 28x28")
         out[split] = (torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)))

@@ -135,9 +135,14 @@ class Trainer:
 
         from imgclf.optim import build_optimizer, build_scheduler
 
+        if cfg.train.batch_size % (self.world_size * cfg.train.subdivision):
+            raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by world size "
+                             f"{self.world_size} x train.subdivision {cfg.train.subdivision}")
+        # Every rank draws the augmentation of the whole global batch from the same generator and
+        # keeps its own shard, so N ranks compute exactly what one process would at that batch.
         self.loader = DeviceLoader(data.train_images, data.train_labels, cfg.train.batch_size, shuffle=True,
                                    drop_last=cfg.train.dataloader.drop_last, seed=cfg.train.seed,
-                                   rank=self.rank, world_size=self.world_size, device=self.device)
+                                   device=self.device)
         if len(self.loader) == 0:
             raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than the "
                              f"{len(data.train_labels)} training images")
@@ -246,6 +251,19 @@ class Trainer:
         self.scheduler.step()
         return loss_total, correct
 
+    def _shard(self, batch):
+        """This rank's part of an augmented global batch (every world_size-th sample)."""
+        if self.world_size == 1:
+            return batch
+        r, w = self.rank, self.world_size
+        images = batch.images
+        if self.cfg.augmentation.use_dual_cutout:  # [view1; view2]: the same samples of both views
+            n = len(batch.labels)
+            images = torch.cat([images[:n][r::w], images[n:][r::w]])
+        else:
+            images = images[r::w]
+        return type(batch)(images, batch.targets[r::w], batch.labels[r::w])
+
     def _check_finite(self, loss_sum: torch.Tensor, step: int) -> None:
         value = float(loss_sum.item())
         if not math.isfinite(value):
@@ -269,11 +287,11 @@ class Trainer:
             seed = derive_seed(cfg.train.seed, self.epoch, step)
             torch.manual_seed(seed)
             gen = torch.Generator(device=self.device).manual_seed(seed)
-            batch = self.train_transform(images, labels, gen)
+            batch = self._shard(self.train_transform(images, labels, gen))
             loss, n_correct = self._train_step(batch.images, batch.targets, batch.labels)
-            loss_sum += loss.double() * len(labels)
+            loss_sum += loss.double() * len(batch.labels)
             correct += n_correct
-            seen += len(labels)
+            seen += len(batch.labels)
             self.step_in_epoch = step + 1
             if bar is not None:
                 bar.update(1)

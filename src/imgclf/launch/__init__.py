@@ -142,35 +142,53 @@ def _submitit_executor(launcher: str, folder: Path, res: Resources):
 
 
 def submit(run_dir: str | Path, launcher: str = "debug", resources: Resources | None = None,
-           job_name: str = "imgclf"):
-    """Start training the run in ``run_dir``; returns a submitit Job (or None for debug)."""
-    if launcher not in LAUNCHERS:
-        raise ValueError(f"launcher: '{launcher}' is not one of {', '.join(LAUNCHERS)}")
-    run_dir = Path(run_dir)
-    if launcher == "debug":
-        return None
+           job_name: str = "imgclf", fn=None, *args):
+    """Submit ``fn(*args)`` (default: train the run in ``run_dir``) through submitit; returns the
+    Job. Job files and logs go to ``<run_dir>/submitit/``."""
+    if launcher not in ("local", "slurm"):
+        raise ValueError(f"launcher: '{launcher}' cannot submit (one of local, slurm)")
     res = resources or Resources()
-    ex = _submitit_executor(launcher, run_dir / "submitit", res)
+    ex = _submitit_executor(launcher, Path(run_dir) / "submitit", res)
     ex.update_parameters(name=job_name)
-    return ex.submit(TrainJob(run_dir))
+    if fn is None:
+        return ex.submit(TrainJob(run_dir))
+    return ex.submit(fn, *args)
+
+
+def _wait(job, what: str):
+    log.info("%s: submitted job %s", what, job.job_id)
+    try:
+        results = job.results()  # one per task; rank 0's is the run's
+        return results[0]
+    except Exception as e:
+        paths = getattr(job, "paths", None)
+        where = f"job {job.job_id}" + (f"; log {paths.stderr}" if paths is not None else "")
+        raise RuntimeError(f"{what} failed ({where}): {_last_line(e)}") from e
 
 
 def run(run_dir: str | Path, launcher: str = "debug", resources: Resources | None = None,
         job_name: str = "imgclf", progress: bool | None = None) -> dict[str, Any]:
     """Train to completion through ``launcher`` and return the result; a failed job raises
     with the job's own error and the path of its log."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher: '{launcher}' is not one of {', '.join(LAUNCHERS)}")
     if launcher == "debug":
         from imgclf.engine import train
 
         return train(run_dir, progress=progress)
-    job = submit(run_dir, launcher, resources, job_name)
-    log.info("%s: submitted %s job %s", run_dir, launcher, job.job_id)
-    try:
-        return job.result()
-    except Exception as e:
-        paths = getattr(job, "paths", None)
-        where = f" (job {job.job_id}; log {paths.stderr})" if paths is not None else f" (job {job.job_id})"
-        raise RuntimeError(f"{run_dir}: training failed{where}: {_last_line(e)}") from e
+    return _wait(submit(run_dir, launcher, resources, job_name), f"{run_dir}: training")
+
+
+def evaluate(run_dir: str | Path, launcher: str = "debug", resources: Resources | None = None,
+             job_name: str = "imgclf-eval") -> dict[str, Any]:
+    """Score a finished run (-> eval.json) where its training ran: in-process, or as a job."""
+    from imgclf.engine.evaluator import evaluate_run
+
+    if launcher == "debug":
+        return evaluate_run(run_dir)
+    res = Resources(**{**(resources or Resources()).__dict__, "nodes": 1, "tasks": 1,
+                       "gpus": min((resources or Resources()).gpus, 1), "time_min": 30})
+    return _wait(submit(run_dir, launcher, res, job_name, evaluate_run, str(run_dir)), f"{run_dir}: evaluation")
 
 
 def _last_line(e: Exception) -> str:

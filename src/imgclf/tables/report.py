@@ -35,6 +35,9 @@ def _read_seed(run_dir: Path) -> dict[str, Any] | None:
                 data = json.loads(path.read_text())
             except ValueError:
                 continue
+            error = data.get("test_error") if isinstance(data, dict) else "unreadable"
+            if error is not None and (isinstance(error, bool) or not isinstance(error, (int, float))):
+                continue  # a damaged file counts as not there
             if name == "result.json":
                 data.setdefault("train_seconds", data.get("train_seconds"))
             return data

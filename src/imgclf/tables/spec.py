@@ -37,7 +37,20 @@ ROW_KEYS = {"id", "label", "recipe", "overrides", "cells", "resources", "reporte
 TABLE_KEYS = {"title", "seeds", "columns", "notes", "rows", "description"}
 REPORTED_KEYS = {"result", "result_text", "paper", "epochs", "time", "hardware"}
 RESOURCE_KEYS = {"gpus", "nodes", "tasks", "time_min", "mem_gb", "cpus_per_task", "partition"}
-_ID = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+_ID = re.compile(r"[a-z0-9][a-z0-9_]*")  # used with fullmatch: '$' would let "id\n" through
+
+
+def _seeds_ok(seeds: Any) -> bool:
+    return isinstance(seeds, list) and bool(seeds) and all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+
+
+def _resource_ok(key: str, value: Any) -> bool:
+    if key == "partition":
+        return isinstance(value, str)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        return False
+    return key == "mem_gb" or isinstance(value, int)
 
 
 class SpecError(ValueError):
@@ -90,7 +103,7 @@ def load(path: str | Path, recipes_dir: str | Path = "config/recipes") -> Table:
     if not isinstance(data.get("title"), str):
         raise SpecError(f"{where}'title' must be a string")
     seeds = data.get("seeds", [0, 1, 2])
-    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and s >= 0 for s in seeds)):
+    if not _seeds_ok(seeds):
         raise SpecError(f"{where}'seeds' must be a non-empty list of integers >= 0, got {seeds!r}")
     columns = data.get("columns", [])
     if not (isinstance(columns, list) and all(isinstance(c, str) for c in columns)):
@@ -114,7 +127,7 @@ def _row(raw: Any, i: int, where: str, seen: set[str], table: Table, recipes_dir
     if unknown:
         key = sorted(unknown)[0]
         raise SpecError(f"{at}unknown key '{key}'{_closest(key, ROW_KEYS)}")
-    if not isinstance(rid, str) or not _ID.match(rid):
+    if not isinstance(rid, str) or not _ID.fullmatch(rid):
         raise SpecError(f"{at}'id' must match [a-z0-9][a-z0-9_]*, got {rid!r}")
     if rid in seen:
         raise SpecError(f"{at}duplicate row id '{rid}'")
@@ -134,6 +147,13 @@ def _row(raw: Any, i: int, where: str, seen: set[str], table: Table, recipes_dir
         if bad:
             k = sorted(bad)[0]
             raise SpecError(f"{at}unknown {key} key '{k}'{_closest(k, valid)}")
+    for key, value in resources.items():
+        if not _resource_ok(key, value):
+            want = "a string" if key == "partition" else "a number >= 0" if key == "mem_gb" else "an integer >= 0"
+            raise SpecError(f"{at}resources.{key}: expected {want}, got {value!r}")
+    bad_keys = [k for k in overrides if not isinstance(k, str) or not k]
+    if bad_keys:
+        raise SpecError(f"{at}override key {bad_keys[0]!r} is not a config key like 'train.base_lr'")
     bad_cells = set(cells) - set(table.columns)
     if bad_cells:
         raise SpecError(f"{at}cell '{sorted(bad_cells)[0]}' is not a declared column (columns: {table.columns})")
@@ -143,7 +163,11 @@ def _row(raw: Any, i: int, where: str, seen: set[str], table: Table, recipes_dir
     if not isinstance(train, bool):
         raise SpecError(f"{at}'train' must be true or false")
     seeds = raw.get("seeds", table.seeds)
+    if not _seeds_ok(seeds):
+        raise SpecError(f"{at}'seeds' must be a non-empty list of integers >= 0, got {seeds!r}")
     recipe = recipes_dir / raw["recipe"]
+    if Path(raw["recipe"]).is_absolute() or not recipe.resolve().is_relative_to(recipes_dir.resolve()):
+        raise SpecError(f"{at}recipe '{raw['recipe']}' must be a path inside {recipes_dir}/ (e.g. cifar/wrn.yaml)")
     if not recipe.is_file():
         raise SpecError(f"{at}recipe '{raw['recipe']}' not found under {recipes_dir}/")
     row = Row(rid, raw["label"], raw["recipe"], overrides, cells, resources, reported, train, list(seeds))

@@ -1,0 +1,67 @@
+"""DDP on CPU (gloo) with 2 ranks, via submitit's local executor and via torchrun.
+
+Every rank augments the whole global batch from the same generator and keeps its shard, so
+for a model without BatchNorm two ranks compute what one process computes at that batch:
+the averaged gradient equals the full-batch gradient, up to float summation order."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, make_run
+from imgclf.engine import train
+
+# VGG without BN: the only difference between 1 and 2 ranks is the gradient all-reduce.
+NO_BN = {"model.name": "vgg", "model.vgg.n_channels": [8, 16], "model.vgg.n_layers": [1, 1],
+         "model.vgg.use_bn": False, "scheduler.epochs": 2, "train.batch_size": 64}
+
+
+def close_weights(a, b):
+    wa = torch.load(a / "model.pt", weights_only=True)
+    wb = torch.load(b / "model.pt", weights_only=True)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert not torch.equal(wa[next(iter(wa))], torch.zeros_like(wa[next(iter(wa))]))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("single") / "run", **NO_BN)
+    train(run, progress=False)
+    return run
+
+
+def only_rank0_wrote(run):
+    names = sorted(p.name for p in run.iterdir() if p.is_file())
+    assert not [n for n in names if n.endswith(".tmp")]
+    env = json.loads((run / "env.json").read_text())
+    assert env["world_size"] == 2
+    rows = (run / "train_log.csv").read_text().splitlines()
+    assert len(rows) == 1 + NO_BN["scheduler.epochs"]  # one header, one row per epoch, no duplicates
+
+
+def test_two_ranks_with_submitit_local_executor(single, tmp_path):
+    from imgclf.launch import Resources, run
+
+    ddp = make_run(tmp_path / "ddp", **NO_BN, **{"train.dist.world_size": 2})
+    result = run(ddp, launcher="local", resources=Resources(tasks=2, cpus_per_task=1, time_min=10))
+    assert result["world_size"] == 2
+    close_weights(single, ddp)
+    only_rank0_wrote(ddp)
+    assert len(list((ddp / "submitit").glob("*_1_log.err"))) == 1  # two tasks ran
+
+
+def test_two_ranks_with_torchrun(single, tmp_path):
+    ddp = make_run(tmp_path / "torchrun", **NO_BN, **{"train.dist.world_size": 2})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "imgclf", "train", "--config", str(ddp / "config.yaml"), "--output-dir", str(ddp), "--quiet",
+           "--resume", "train.distributed", "True"]
+    out = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    close_weights(single, ddp)
+    only_rank0_wrote(ddp)
