@@ -47,3 +47,12 @@ def make_run(run_dir: Path, **overrides):
 
 def imgclf_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "imgclf", *args]
+
+
+def planned_jobs(out) -> dict[str, int]:
+    """The 'Job stats' block of a Snakemake dry run: {rule: count} ({} for nothing to do)."""
+    text = out.stdout + out.stderr
+    if "Nothing to be done" in text:
+        return {}
+    block = text.split("Job stats:")[1].split("total")[0]
+    return {line.split()[0]: int(line.split()[1]) for line in block.strip().splitlines()[2:] if line.strip()}

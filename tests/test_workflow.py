@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, planned_jobs
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile")]
 
@@ -42,15 +42,6 @@ def snakemake(project, *args, check=True):
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
-
-
-def planned_jobs(out) -> dict[str, int]:
-    """The 'Job stats' block of a dry run: {rule: count}."""
-    text = out.stdout + out.stderr
-    if "Nothing to be done" in text:
-        return {}
-    block = text.split("Job stats:")[1].split("total")[0]
-    return {line.split()[0]: int(line.split()[1]) for line in block.strip().splitlines()[2:] if line.strip()}
 
 
 def test_workflow_builds_reruns_one_seed_and_is_idempotent(project):

@@ -53,7 +53,7 @@ def _preflight(cfg: C.Config) -> None:
     from imgclf.optim import build_optimizer
     from imgclf.optim.schedules import SchedulePlan
 
-    c, h, _ = _input_shape(cfg)
+    c, _, _ = _input_shape(cfg)
     with torch.device("meta"):
         model = build(cfg, in_channels=c, n_classes=cfg.dataset.n_classes or _n_classes(cfg.dataset.name))
     build_optimizer(cfg, model)
@@ -143,8 +143,28 @@ def cmd_data(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error (the usage itself is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got '{text}'")
+        return value
+
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imgclf", description=__doc__.splitlines()[0])
+    p = _Parser(prog="imgclf", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -153,8 +173,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", help="run directory (default results/runs/<run_id>/seed<seed>)")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     t.add_argument("--launcher", default="debug", choices=["debug", "local", "slurm"])
-    t.add_argument("--tasks", type=int, default=1, help="DDP ranks on CPU (local/slurm launchers)")
-    t.add_argument("--gpus", type=int, default=0, help="GPUs per node (local/slurm launchers)")
+    t.add_argument("--tasks", type=_at_least(1), default=1, help="DDP ranks on CPU (local/slurm launchers)")
+    t.add_argument("--gpus", type=_at_least(0), default=0, help="GPUs per node (local/slurm launchers)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="KEY VALUE ... or KEY=VALUE ...")
     t.set_defaults(func=cmd_train)

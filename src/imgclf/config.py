@@ -473,7 +473,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     i = 0
     while i < len(args):
         arg = args[i]
-        if "=" in arg and not arg.startswith("-"):
+        if arg.startswith("-"):
+            raise ConfigError(f"'{arg}' after the KEY VALUE overrides: put options before them")
+        if "=" in arg:
             key, text = arg.split("=", 1)
             i += 1
         else:

@@ -275,6 +275,15 @@ CASES: list[Case] = [
     Case("override/section-as-value", digits("train", "5"), ["train", "mapping of sub-keys"]),
     Case("override/python-tag", digits("train.base_lr", "!!python/object/apply:os.system ['touch pwned']"),
          ["train.base_lr", "python/object/apply"]),
+    Case("override/option-after-overrides", digits("train.base_lr", "0.1", "--resume"),
+         ["'--resume'", "before"]),
+    # ---- the command line itself (argparse: usage errors in one line too)
+    Case("cli/unknown-command", ["trian"], ["'trian'", "train"]),
+    Case("cli/train-without-config", ["train"], ["--config"]),
+    Case("cli/unknown-launcher", ["train", "--config", str(DIGITS), "--launcher", "slurmm"], ["--launcher", "slurmm"]),
+    Case("cli/zero-tasks", ["train", "--config", str(DIGITS), "--tasks", "0"], ["--tasks", "'0'"]),
+    Case("cli/negative-gpus", ["train", "--config", str(DIGITS), "--gpus", "-1"], ["--gpus", "'-1'"]),
+    Case("cli/evaluate-without-run", ["evaluate"], ["--run"]),
     Case("summary/missing-recipe", ["summary", "--config", "nope.yaml"], ["nope.yaml", "not found"]),
     Case("summary/depth-21", ["summary", "--config", str(DIGITS), "model.resnet_preact.depth", "21"],
          ["model.resnet_preact.depth", "21"]),
@@ -383,11 +392,9 @@ CASES: list[Case] = [
     Case("evaluate/no-model-pt", ["evaluate", "--run", OUT], ["model.pt", "missing"], setup=_existing_run()),
     Case("evaluate/no-such-dir", ["evaluate", "--run", "results/runs/nope/seed0"], ["results/runs/nope/seed0"]),
     Case("evaluate/corrupt-config", ["evaluate", "--run", OUT], [f"{OUT}/config.yaml"],
-         {f"{OUT}/config.yaml": "train: [1,\n", f"{OUT}/model.pt": b"x", f"{OUT}/result.json": "{}"},
-         known="engine: trainer.load_run_config lets yaml.YAMLError through (runs.prepare catches it)"),
+         {f"{OUT}/config.yaml": "train: [1,\n", f"{OUT}/model.pt": b"x", f"{OUT}/result.json": "{}"}),
     Case("evaluate/corrupt-model-pt", ["evaluate", "--run", OUT], [f"{OUT}/model.pt"],
-         {f"{OUT}/model.pt": b"garbage", f"{OUT}/result.json": "{}"}, setup=_existing_run(),
-         known="engine: evaluator.evaluate_run lets torch.load's UnpicklingError through"),
+         {f"{OUT}/model.pt": b"garbage", f"{OUT}/result.json": "{}"}, setup=_existing_run()),
     Case("resume/different-config", digits(*_tiny(**{"model.resnet_preact.depth": 14}), resume=True),
          [OUT, "different config", "model.resnet_preact.depth"], setup=_existing_run()),
     Case("resume/different-seed", digits(*_tiny(**{"train.seed": 5}), resume=True),
@@ -411,7 +418,7 @@ def _snapshot(root: Path) -> dict[str, str]:
 def _report(request):
     yield
     n, k = len(RESULTS), sum(ok for _, ok, _ in RESULTS)
-    lines = [f"  not clean: {name}: {why}" for name, ok, why in RESULTS if not ok]
+    lines = [f"  not clean: {name}: {why.splitlines()[0][:160]}" for name, ok, why in RESULTS if not ok]
     lines.append(f"bad inputs rejected cleanly: {k}/{n}")
     capman = request.config.pluginmanager.getplugin("capturemanager")
     if capman is not None:  # shown with or without -s

@@ -57,7 +57,11 @@ def evaluate_run(run_dir) -> dict:
     device = select_device(cfg)
     data = load_data(cfg.dataset.name, root=cfg.data_root, folder=cfg.dataset.dataset_dir or None)
     model = build_model(cfg, in_channels=data.n_channels, n_classes=cfg.dataset.n_classes or data.n_classes)
-    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign: one line naming the file
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{run_dir / 'model.pt'}: cannot load the final weights ({msg}); re-run the seed") from None
     prec = Precision(precision_name(cfg), device)
     model = model.to(device, dtype=prec.model_dtype)
     if prec.name == "fp16":

@@ -53,7 +53,13 @@ def load_run_config(run_dir: str | Path) -> C.Config:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; a run directory starts with its resolved config.yaml")
     try:
-        return C.from_dict(yaml.safe_load(path.read_text()) or {})
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise C.ConfigError(f"{path}: not valid YAML ({getattr(e, 'problem', e)}); remove the run directory") from None
+    if not isinstance(data, dict):
+        raise C.ConfigError(f"{path}: expected a mapping of config keys; remove the run directory")
+    try:
+        return C.from_dict(data)
     except C.ConfigError as e:
         raise C.ConfigError(f"{path}: {e}") from None
 

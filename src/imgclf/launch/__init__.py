@@ -60,7 +60,7 @@ class TrainJob:
     def __call__(self) -> dict[str, Any]:
         from imgclf.engine import trainer
 
-        _export_distributed_env()
+        _job_setup()
         self._stop, self._saved = threading.Event(), threading.Event()
         box: dict[str, Any] = {}
 
@@ -98,8 +98,14 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.run_dir, self.progress))
 
 
-def _export_distributed_env() -> None:
-    """Under submitit with several tasks, export RANK/WORLD_SIZE/MASTER_* for env:// init."""
+def _job_setup() -> None:
+    """In a submitted job: torch threads = the CPUs the job was given, and for several tasks
+    RANK/WORLD_SIZE/MASTER_* exported for env:// initialization."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus:
+        import torch
+
+        torch.set_num_threads(int(cpus))
     if "WORLD_SIZE" in os.environ:  # torchrun already did
         return
     if not (os.environ.get("SUBMITIT_LOCAL_JOB_ID") or os.environ.get("SLURM_JOB_ID")):
@@ -112,6 +118,13 @@ def _export_distributed_env() -> None:
             submitit.helpers.TorchDistributedEnvironment().export()
     except RuntimeError:
         pass
+
+
+def _evaluate_job(run_dir: str) -> dict[str, Any]:
+    from imgclf.engine.evaluator import evaluate_run
+
+    _job_setup()
+    return evaluate_run(run_dir)
 
 
 def _submitit_executor(launcher: str, folder: Path, res: Resources):
@@ -188,7 +201,7 @@ def evaluate(run_dir: str | Path, launcher: str = "debug", resources: Resources 
         return evaluate_run(run_dir)
     res = Resources(**{**(resources or Resources()).__dict__, "nodes": 1, "tasks": 1,
                        "gpus": min((resources or Resources()).gpus, 1), "time_min": 30})
-    return _wait(submit(run_dir, launcher, res, job_name, evaluate_run, str(run_dir)), f"{run_dir}: evaluation")
+    return _wait(submit(run_dir, launcher, res, job_name, _evaluate_job, str(run_dir)), f"{run_dir}: evaluation")
 
 
 def _last_line(e: Exception) -> str:

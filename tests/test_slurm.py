@@ -1,0 +1,133 @@
+"""The slurm launcher against a real SLURM cluster (.ci/run starts one with ../shared/slurm)."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, make_run, planned_jobs
+
+
+def _controller_reachable() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=15).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
+    not _controller_reachable(), reason="no SLURM controller reachable (sinfo failed); .ci/run starts one")]
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"),
+             "--profile", "slurm"]
+LONG = {"scheduler.epochs": 60}  # 10 steps per epoch, ~30 s: long enough to be interrupted
+
+
+def wait_for(condition, timeout: float, what: str):
+    """Poll an external state (the cluster's) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def sacct_names() -> list[str]:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "--format=JobName,State"], capture_output=True, text=True)
+    return out.stdout.splitlines()
+
+
+def project(tmp_path: Path, tables: list[str], extra_tables: dict | None = None) -> Path:
+    root = tmp_path / "project"
+    shutil.copytree(REPO / "config", root / "config")
+    shutil.copytree(REPO / "slurm", root / "slurm")
+    for name, table in (extra_tables or {}).items():
+        (root / "config" / "tables" / f"{name}.yaml").write_text(yaml.safe_dump(table, sort_keys=False))
+    cfg = yaml.safe_load((root / "config" / "config.yaml").read_text())
+    cfg.update(tables=tables, progress=False)
+    cfg["resources"].update(mem_gb=2, cpus_per_task=1, time_min=20)
+    (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def snakemake(root: Path, *args: str):
+    env = {**os.environ, "IMGCLF_CACHE_DIR": str(root / "resources" / "cache")}
+    return subprocess.run([*SNAKEMAKE, "--directory", str(root), *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=1200)
+
+
+def test_quickstart_table_through_sbatch(tmp_path):
+    root = project(tmp_path, ["quickstart"])
+    out = snakemake(root)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    md = (root / "results" / "tables" / "quickstart.md").read_text()
+    assert md.count("| ResNet-preact-") == 3
+    run_ids = sorted(p.name for p in (root / "results" / "runs").iterdir())
+    names = sacct_names()
+    for run_id in run_ids:
+        for seed in range(3):
+            assert any(f"{run_id}/seed{seed}|COMPLETED" in n for n in names), (run_id, seed)
+    assert planned_jobs(snakemake(root, "-n")) == {}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("reference") / "run", **LONG)
+    from imgclf.engine import train
+
+    train(run, progress=False)
+    return torch.load(run / "model.pt", weights_only=True)
+
+
+def test_preempted_and_timed_out_jobs_requeue_and_resume_exactly(tmp_path, reference):
+    from imgclf.launch import Resources, submit
+
+    preempted = make_run(tmp_path / "preempted", **LONG)
+    timed_out = make_run(tmp_path / "timed_out", **LONG)
+    one_cpu = dict(cpus_per_task=1, mem_gb=2, max_requeues=3)
+    job_p = submit(preempted, "slurm", Resources(time_min=20, **one_cpu), "preempt-test")
+    # A 1-minute limit with the warning 45 s before it: the run needs longer than 15 s.
+    job_t = submit(timed_out, "slurm", Resources(time_min=1, signal_delay_s=45, **one_cpu), "timeout-test")
+    for job in (job_p, job_t):
+        job._results_timeout_s = 5
+    wait_for(lambda: (preempted / "checkpoint.pt").exists(), 300, "the first checkpoint")
+    job_p._interrupt()  # SIGTERM + USR2, as SLURM preemption does
+    for job, run in ((job_p, preempted), (job_t, timed_out)):
+        result = job.results()[0]
+        assert result["epochs"] == LONG["scheduler.epochs"]
+        weights = torch.load(run / "model.pt", weights_only=True)
+        for k in reference:
+            assert torch.equal(weights[k], reference[k]), (run.name, k)
+        rows = (run / "train_log.csv").read_text().splitlines()
+        assert len(rows) == 1 + LONG["scheduler.epochs"]
+        logs = "".join(p.read_text() for p in (run / "submitit").glob("*_log.err"))
+        assert "preempted" in logs or "timed-out" in logs, run.name  # it really was interrupted
+        assert "Requeued" in logs or "requeue" in logs.lower()
+
+
+def test_failing_job_surfaces_its_error_and_reruns_alone(tmp_path):
+    bad = {"title": "Failing", "seeds": [0, 1], "rows": [
+        {"id": "ok", "label": "fine", "recipe": "digits/resnet_preact.yaml",
+         "overrides": {"model.resnet_preact.depth": 8, "scheduler.epochs": 1}},
+        # larger than the 1,347 training images: fails inside the job, not at planning
+        {"id": "too_big", "label": "batch too large", "recipe": "digits/resnet_preact.yaml",
+         "overrides": {"model.resnet_preact.depth": 8, "scheduler.epochs": 1, "train.batch_size": 4096}}]}
+    root = project(tmp_path, ["failing"], {"failing": bad})
+    out = snakemake(root)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "is larger than the 1347 training images" in text
+    assert "_0_log.err" in text  # the SLURM log's path
+    ok = [p for p in (root / "results" / "runs").iterdir() if (p / "seed0" / "eval.json").exists()]
+    assert len(ok) == 1 and (ok[0] / "seed1" / "eval.json").exists()  # --keep-going finished the others
+    failed = next(p for p in (root / "results" / "runs").iterdir() if p not in ok)
+    assert not (failed / "seed0" / "result.json").exists()
+    target = str((failed / "seed0" / "eval.json").relative_to(root))
+    assert planned_jobs(snakemake(root, "-n", target)) == {"train": 1, "evaluate": 1}
