@@ -39,6 +39,9 @@ def cmd_train(args) -> int:
     run_dir = runs.prepare(cfg, out, resume=args.resume or cfg.train.resume)
     resources = Resources(tasks=args.tasks, gpus=args.gpus)
     result = run(run_dir, launcher=args.launcher, resources=resources, progress=not args.quiet)
+    if result.get("diverged"):
+        print(f"imgclf train: error: {result['message']}", file=sys.stderr)
+        return 1
     print(f"{run_dir}: test error {result['test_error']:.2f}% after {result['epochs']} epochs "
           f"({result['wall_seconds']:.0f} s)")
     return 0
@@ -81,6 +84,9 @@ def cmd_evaluate(args) -> int:
     from imgclf.engine.evaluator import evaluate_run
 
     out = evaluate_run(args.run)
+    if out.get("diverged"):
+        print(f"{args.run}: diverged ({out.get('message')})")
+        return 0
     print(f"{args.run}: test error {out['test_error']:.2f}% (loss {out['test_loss']:.4f}, n={out['n_test']})")
     return 0
 

@@ -181,6 +181,9 @@ class TrainConfig:
     use_tensorboard: bool = False
     channels_last: bool = True
     compile: bool = False
+    on_divergence: str = "stop"  # stop | rollback (to the last checkpoint, with a lower lr)
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
     distributed: bool = False
     dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -340,6 +343,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.densenet.block_type": ("basic", "bottleneck"),
     "model.pyramidnet.block_type": ("basic", "bottleneck"),
     "train.dist.backend": ("auto", "nccl", "gloo"),
+    "train.on_divergence": ("stop", "rollback"),
 }
 
 

@@ -37,12 +37,27 @@ wildcard_constraints:
     table=r"[a-z0-9_]+",
 
 
+def table_outputs(name):
+    """What one table renders: Markdown, HTML and the report's two figures."""
+    return [
+        f"results/tables/{name}.md",
+        f"results/tables/{name}.html",
+        f"results/tables/{name}/learning_curves.png",
+        f"results/tables/{name}/paper_vs_ours.png",
+    ]
+
+
 def get_final_output():
-    return [f"results/tables/{name}.md" for name in config["tables"]]
+    return [path for name in config["tables"] for path in table_outputs(name)]
 
 
 def get_all_tables():
-    return [f"results/tables/{name}.md" for name in sorted(PLAN.tables)]
+    return [path for name in sorted(PLAN.tables) for path in table_outputs(name)]
+
+
+def get_report_labels(figure):
+    """Labels of one table's entries in `snakemake --report`."""
+    return {"table": "{table}", "figure": figure}
 
 
 def get_run(wildcards):

@@ -6,5 +6,7 @@ rule data:
     params:
         data_root=config.get("data_root", ""),
     localrule: True
+    conda:
+        "../envs/imgclf.yaml"
     script:
         "../scripts/data.py"

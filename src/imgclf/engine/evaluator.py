@@ -50,10 +50,19 @@ def evaluate_run(run_dir) -> dict:
     from .trainer import load_run_config, select_device
 
     run_dir = Path(run_dir)
-    for name in ("config.yaml", "model.pt", "result.json"):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir / name}: missing; is the run finished?")
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir / 'config.yaml'}: missing; is this a run directory?")
+    if not (run_dir / "result.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: result.json and model.pt missing; is the run finished?")
     cfg = load_run_config(run_dir)
+    result = read_json(run_dir / "result.json")
+    if isinstance(result, dict) and result.get("diverged"):
+        out = {"diverged": True, "test_error": None, "test_loss": None, "message": result.get("message"),
+               "seed": cfg.train.seed, "epochs": result.get("epochs")}
+        write_json(run_dir / "eval.json", out)
+        return out
+    if not (run_dir / "model.pt").is_file():
+        raise FileNotFoundError(f"{run_dir / 'model.pt'}: missing; is the run finished?")
     device = select_device(cfg)
     data = load_data(cfg.dataset.name, root=cfg.data_root, folder=cfg.dataset.dataset_dir or None)
     model = build_model(cfg, in_channels=data.n_channels, n_classes=cfg.dataset.n_classes or data.n_classes)

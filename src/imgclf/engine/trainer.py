@@ -167,13 +167,14 @@ class Trainer:
         self.accum = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
         self.log_rows: list[dict[str, Any]] = []
         self.wall_seconds = 0.0
+        self.rollbacks = 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "accum": dict(self.accum),
-                "log_rows": list(self.log_rows), "wall_seconds": self.wall_seconds,
+                "log_rows": list(self.log_rows), "wall_seconds": self.wall_seconds, "rollbacks": self.rollbacks,
                 "config_hash": C.config_hash(self.cfg), "seed": self.cfg.train.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -188,6 +189,7 @@ class Trainer:
         self.accum = dict(state["accum"])
         self.log_rows = list(state["log_rows"])
         self.wall_seconds = state["wall_seconds"]
+        self.rollbacks = state.get("rollbacks", 0)
 
     def save_checkpoint(self) -> None:
         if self.is_main:
@@ -333,9 +335,16 @@ class Trainer:
                        desc=self.run_dir.parent.name + "/" + self.run_dir.name, unit="step", mininterval=1.0,
                        dynamic_ncols=True, leave=False, disable=None)
         evaluation: dict[str, Any] = {}
+        if self.epoch == 0 and self.step_in_epoch == 0 and not (self.run_dir / ckpt.LATEST).exists():
+            self.save_checkpoint()  # the initial state: what a divergence in epoch 1 rolls back to
         try:
             while self.epoch < epochs:
-                self._train_epoch(bar)
+                try:
+                    self._train_epoch(bar)
+                except Diverged as e:
+                    if not self._roll_back(e):
+                        return self._diverged(e)
+                    continue
                 last = self.epoch + 1 == epochs
                 if last or (self.epoch + 1) % cfg.train.val_period == 0:
                     evaluation = self._evaluate()
@@ -363,6 +372,37 @@ class Trainer:
                 bar.close()
         self.wall_seconds = wall_before + time.perf_counter() - started
         return self._finish(evaluation)
+
+    def _roll_back(self, error: Diverged) -> bool:
+        """``train.on_divergence rollback``: reload the last checkpoint and scale the lr down."""
+        cfg = self.cfg.train
+        if cfg.on_divergence != "rollback" or self.rollbacks >= cfg.max_rollbacks:
+            return False
+        state = ckpt.load_latest(self.run_dir, map_location=self.device)
+        if state is None:
+            return False
+        rollbacks = self.rollbacks + 1
+        self.load_state_dict(state)
+        self.rollbacks = rollbacks
+        self.scheduler.base_lrs = [b * cfg.rollback_lr_factor for b in self.scheduler.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+            group["lr"] = lr
+        log.warning("%s; rollback %d/%d to epoch %d with the lr scaled by %g", error, rollbacks,
+                    cfg.max_rollbacks, self.epoch, cfg.rollback_lr_factor ** rollbacks)
+        return True
+
+    def _diverged(self, error: Diverged) -> dict[str, Any]:
+        """A diverged run is finished: result.json says so, and the table shows it as diverged."""
+        result = {"diverged": True, "message": str(error), "test_error": None, "epochs": self.cfg.scheduler.epochs,
+                  "diverged_at_epoch": self.epoch + 1, "rollbacks": self.rollbacks, "seed": self.cfg.train.seed,
+                  "config_hash": C.config_hash(self.cfg), "run_id": self.run_dir.parent.name,
+                  "wall_seconds": self.wall_seconds, "train_seconds": None, "gpu": short_device_name(self.device),
+                  "n_params": self.n_params, "world_size": self.world_size, "precision": self.precision.name}
+        if self.is_main:
+            write_json(self.run_dir / "diverged.json", result)
+            write_json(self.run_dir / "result.json", result)
+        log.error("%s", error)
+        return result
 
     def _evaluate(self) -> dict[str, Any]:
         faults.point("eval")

@@ -5,6 +5,7 @@ paper's; the reported values are only printed, never used in a computation.
 """
 from __future__ import annotations
 
+import html
 import io
 import json
 import math
@@ -64,7 +65,8 @@ def aggregate(table: Table, runs_dir: str | Path = "results/runs", partial: bool
     if missing and not partial:
         raise FileNotFoundError(f"{len(missing)} seed(s) of table '{table.name}' have not finished, e.g. "
                                 f"{missing[0]}; run the workflow, or pass --partial")
-    return pd.DataFrame.from_records(records)
+    # object columns keep each value as the spec wrote it (no 128 -> 128.0 for a column with gaps)
+    return pd.DataFrame(records, dtype=object)
 
 
 def _record(row: Row, seeds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -135,39 +137,79 @@ def _present(x: Any) -> bool:
     return x is not None and not (isinstance(x, float) and math.isnan(x))
 
 
-def render_markdown(table: Table, frame: pd.DataFrame) -> str:
+def frame_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as dicts with every missing value as None (pandas' NaN/NA/StringDtype gaps included)."""
+    return frame.astype(object).where(frame.notna(), None).to_dict("records")
+
+
+def _text(value: Any) -> str:
+    return str(value) if _present(value) else ""
+
+
+def display_frame(table: Table, frame: pd.DataFrame) -> pd.DataFrame:
+    """The table as printed: one row per spec row, every cell a string (Markdown and HTML share it)."""
     n = max(table.seeds and len(table.seeds), 1)
     rows = []
-    for r in frame.to_dict("records"):
-        ours_done = r["trained"] and r["n_done"] > 0
+    for r in frame_records(frame):
+        ours_done = bool(r["trained"]) and r["n_done"] > 0
         delta = ""
         if ours_done and _present(r["reported_result"]) and _present(r["test_error_median"]):
             delta = f"{r['test_error_median'] - r['reported_result']:+.2f}"
-        ref_time = r["reported_time"] or ""
-        if ref_time and r.get("reported_hardware"):
+        ref_time = _text(r["reported_time"])
+        if ref_time and _present(r.get("reported_hardware")):
             ref_time += f" ({r['reported_hardware']})"
         line = {"Model": r["label"]}
         for col in table.columns:
-            value = r.get(f"cell:{col}")
-            line[col] = "" if not _present(value) else value
+            line[col] = _text(r.get(f"cell:{col}"))
         line.update({
-            "Epochs": r["epochs"] if r["trained"] else (r["reported_epochs"] or ""),
+            "Epochs": _text(r["epochs"] if r["trained"] else r["reported_epochs"]),
             f"Test Error (median of {n} runs)": _ours(r),
             "min–max": (f"{r['test_error_min']:.2f}–{r['test_error_max']:.2f}"
                         if ours_done and r["n_done"] > 1 else ""),
             "Reference README": _reference(r),
-            "Paper": r["reported_paper"] or "",
+            "Paper": _text(r["reported_paper"]),
             "Δ vs reference": delta,
             "Training Time": format_seconds(r["train_seconds_median"]) if ours_done else "",
-            "GPU": r["gpu"] if ours_done else "",
+            "GPU": _text(r["gpu"]) if ours_done else "",
             "Reference time": ref_time,
         })
         rows.append(line)
-    body = pd.DataFrame(rows).to_markdown(index=False, tablefmt="github", disable_numparse=True)
+    return pd.DataFrame(rows, dtype=object)
+
+
+def render_markdown(table: Table, frame: pd.DataFrame) -> str:
+    body = display_frame(table, frame).to_markdown(index=False, tablefmt="github", disable_numparse=True)
     out = f"## {table.title}\n\n{body}\n"
     if table.notes:
         out += "\n" + table.notes.strip() + "\n"
     return out
+
+
+_HTML_STYLE = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; font-size: 14px; margin: 1em; }
+table { border-collapse: collapse; }
+th, td { border: 1px solid #d0d7de; padding: 4px 10px; text-align: left; }
+th { background: #f6f8fa; }
+tr:nth-child(even) td { background: #fbfbfc; }
+p.notes { white-space: pre-wrap; color: #57606a; }
+"""
+
+
+def render_html(table: Table, frame: pd.DataFrame) -> str:
+    """The Markdown table's content as one self-contained HTML page (what ``snakemake --report`` shows)."""
+    body = display_frame(table, frame).to_html(index=False, escape=True, border=0, na_rep="")
+    notes = f'<p class="notes">{html.escape(table.notes.strip())}</p>\n' if table.notes else ""
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(table.title)}</title>'
+            f"<style>{_HTML_STYLE}</style></head>\n<body>\n<h2>{html.escape(table.title)}</h2>\n"
+            f"{body}\n{notes}</body></html>\n")
+
+
+def render_table_html(spec_path: str | Path, csv_in: str | Path, html_out: str | Path,
+                      recipes_dir: str | Path = "config/recipes") -> None:
+    """``render_html`` from the aggregated CSV (the workflow's render rule, beside the Markdown)."""
+    from .spec import load
+
+    atomic_write_text(html_out, render_html(load(spec_path, recipes_dir), read_csv(csv_in)))
 
 
 def to_csv(frame: pd.DataFrame) -> str:
@@ -176,9 +218,17 @@ def to_csv(frame: pd.DataFrame) -> str:
     return buf.getvalue()
 
 
+# Columns holding text as written in the spec (and cells): read back verbatim, so "N/A" stays
+# "N/A" (not NaN) and "5e-4" stays "5e-4" (not 0.0005).
+_TEXT_COLUMNS = ("id", "label", "run_id", "gpu", "reported_result_text", "reported_paper", "reported_epochs",
+                 "reported_time", "reported_hardware")
+
+
 def read_csv(path: str | Path) -> pd.DataFrame:
-    """A frame written by :func:`write`, with empty cells back to None."""
-    frame = pd.read_csv(path)
+    """A frame written by :func:`to_csv`, with empty cells back to None and text columns verbatim."""
+    header = pd.read_csv(path, nrows=0).columns
+    text = {c: str for c in header if c in _TEXT_COLUMNS or c.startswith("cell:")}
+    frame = pd.read_csv(path, dtype=text, keep_default_na=False, na_values=[""])
     return frame.astype(object).where(frame.notna(), None)
 
 
