@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import RECIPES, REPO, TINY
-from imgclf import cli
+from imgclf import cli, data
 from imgclf.engine.trainer import LOG_FIELDS
 from imgclf.tables import plots, report, spec
 
@@ -72,7 +72,11 @@ def write_synthetic(root: Path, row_ids: list[str]) -> tuple[Path, Path, spec.Ta
                                 "test_loss": 1.0, "test_error": error, "epoch_seconds": 20.0,
                                 "images_per_second": 100.0})
             if diverged:
-                (seed_dir / "diverged.json").write_text(json.dumps({"epoch": 2, "train_loss": "nan"}))
+                note = {"diverged": True, "test_error": None, "message": "non-finite loss in epoch 2"}
+                (seed_dir / "diverged.json").write_text(json.dumps(note))
+                if row.id == "exploded":  # as the engine leaves it; "unstable" has only diverged.json
+                    (seed_dir / "result.json").write_text(json.dumps(note))
+                    (seed_dir / "eval.json").write_text(json.dumps(note))
                 continue
             result = {"test_error": errors[-1], "train_seconds": 60.0, "wall_seconds": 61.0, "gpu": "H200",
                       "epochs": 3, "seed": seed}
@@ -191,6 +195,14 @@ def built_project(tmp_path_factory):
     cfg.update(tables=["tiny"], progress=False)
     (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "IMGCLF_CACHE_DIR": str(root / "resources" / "cache")}
+    # The data rule's output, prepared in this process (torch is loaded already): the data rule has
+    # its own tests (test_workflow.py); here it would only add a job's start-up time.
+    saved = os.environ["IMGCLF_CACHE_DIR"]
+    os.environ["IMGCLF_CACHE_DIR"] = env["IMGCLF_CACHE_DIR"]
+    try:
+        data.prepare("digits", root=root / "resources" / "data")
+    finally:
+        os.environ["IMGCLF_CACHE_DIR"] = saved
     for args in ([], ["--report", "report.html"]):
         out = subprocess.run([*SNAKEMAKE, "--directory", str(root), "--cores", "2", *args], cwd=root, env=env,
                              capture_output=True, text=True)
@@ -200,7 +212,7 @@ def built_project(tmp_path_factory):
 
 def report_results(html: str) -> dict:
     """The report's embedded ``var results = {path: {name, caption, labels, data_uri, ...}}``."""
-    start = html.index("var results = ") + len("var results = ")
+    start = html.index("var results = ", html.index('<script id="results">')) + len("var results = ")
     return json.JSONDecoder().raw_decode(html, start)[0]
 
 
@@ -220,6 +232,7 @@ def test_report_embeds_every_table_and_figure(built_project):
     html_table = decode(results[tables + "tiny.html"]).decode()
     assert results[tables + "tiny.html"]["mime_type"] == "text/html"
     assert "ResNet-preact-8 tiny" in html_table and "Tiny report" in html_table and "1m (GTX 980)" in html_table
+    assert "Test Error (1 run)" in html_table
     assert "| ResNet-preact-8 tiny" in decode(results[tables + "tiny.md"]).decode()
     for name in ("learning_curves.png", "paper_vs_ours.png"):
         assert decode(results[f"{tables}tiny/{name}"]).startswith(b"\x89PNG")

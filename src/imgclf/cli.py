@@ -33,6 +33,11 @@ def cmd_train(args) -> int:
     # Everything the engine would refuse fails here, before anything is written: the model,
     # optimizer and schedule of this config (built on the meta device), then the data.
     _preflight(cfg)
+    if args.launcher == "debug":  # in-process: this machine's device is the run's
+        from imgclf.engine.precision import Precision
+        from imgclf.engine.trainer import select_device
+
+        Precision(C.precision(cfg), select_device(cfg))  # e.g. O1/O3 (fp16) without CUDA
     d = data.load(cfg.dataset.name, root=cfg.data_root, folder=cfg.dataset.dataset_dir or None)
     _preflight_data(cfg, d)
     out = args.output_dir or cfg.train.output_dir or runs.default_dir(cfg)

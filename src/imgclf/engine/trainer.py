@@ -88,6 +88,13 @@ def environment(device: torch.device, world_size: int) -> dict[str, Any]:
     return env
 
 
+def _onednn_cl_hazard(model: nn.Module) -> bool:
+    """oneDNN's CPU weight gradient of a strided channels_last conv with 2..7 input channels
+    corrupts the heap (segfault / 'corrupted size vs. prev_size'; seen with torch 2.14, e.g. a
+    1x1 stride-2 shortcut of a model with initial_channels 4). Such (tiny) models stay NCHW on CPU."""
+    return any(isinstance(m, nn.Conv2d) and max(m.stride) > 1 and m.in_channels < 8 for m in model.modules())
+
+
 def short_device_name(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -118,7 +125,8 @@ class Trainer:
         self.n_params = sum(p.numel() for p in model.parameters())
         if self.world_size > 1 and cfg.train.dist.use_sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.channels_last = cfg.train.channels_last and self.device.type in ("cpu", "cuda")
+        self.channels_last = (cfg.train.channels_last and self.device.type in ("cpu", "cuda")
+                              and not (self.device.type == "cpu" and _onednn_cl_hazard(model)))
         model = model.to(self.device, dtype=self.precision.model_dtype)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -16,7 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never a display (cluster nodes, CI)
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
+from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from imgclf.utils import atomic_write_bytes  # noqa: E402
 
@@ -118,8 +118,9 @@ def plot_learning_curves(table: Table, runs_dir: str | Path, out: str | Path) ->
             # from ~90% at epoch 1 to a few %: a log axis keeps the final epochs (what the table
             # reports) readable
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylabel("test error (%)")
         ax.grid(alpha=0.3)
         if rc.curves or rc.reference is not None:

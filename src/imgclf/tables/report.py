@@ -163,7 +163,7 @@ def display_frame(table: Table, frame: pd.DataFrame) -> pd.DataFrame:
             line[col] = _text(r.get(f"cell:{col}"))
         line.update({
             "Epochs": _text(r["epochs"] if r["trained"] else r["reported_epochs"]),
-            f"Test Error (median of {n} runs)": _ours(r),
+            "Test Error (1 run)" if n == 1 else f"Test Error (median of {n} runs)": _ours(r),
             "min–max": (f"{r['test_error_min']:.2f}–{r['test_error_max']:.2f}"
                         if ours_done and r["n_done"] > 1 else ""),
             "Reference README": _reference(r),
