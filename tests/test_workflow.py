@@ -46,7 +46,7 @@ def snakemake(project, *args, check=True):
 
 def test_workflow_builds_reruns_one_seed_and_is_idempotent(project):
     dry = snakemake(project, "-n")
-    assert planned_jobs(dry) == {"data": 1, "train": 4, "evaluate": 4, "aggregate": 1, "render": 1, "all": 1}
+    assert planned_jobs(dry) == {"data": 1, "train": 4, "evaluate": 4, "aggregate": 1, "render": 1, "plots": 1, "all": 1}
     assert "imgclf plan: 1 tables, 3 rows -> 2 distinct runs, 4 run-seeds (0 done, 4 to train)" in dry.stderr
 
     snakemake(project)
@@ -62,7 +62,7 @@ def test_workflow_builds_reruns_one_seed_and_is_idempotent(project):
     survivor = runs[1] / "seed0" / "result.json"
     before = survivor.stat().st_mtime_ns
     victim.unlink()
-    assert planned_jobs(snakemake(project, "-n")) == {"train": 1, "evaluate": 1, "aggregate": 1, "render": 1,
+    assert planned_jobs(snakemake(project, "-n")) == {"train": 1, "evaluate": 1, "aggregate": 1, "render": 1, "plots": 1,
                                                       "all": 1}
     snakemake(project)
     assert victim.is_file() and survivor.stat().st_mtime_ns == before

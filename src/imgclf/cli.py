@@ -147,7 +147,7 @@ def cmd_table(args) -> int:
 def cmd_data(args) -> int:
     from imgclf import data
 
-    d = data.prepare(args.dataset, root=args.root, source=getattr(args, "from"))
+    d = data.prepare(args.dataset, root=args.root, source=getattr(args, "from"), download=args.download)
     print(f"{d.name}: {len(d.train_labels)} train + {len(d.test_labels)} test images, "
           f"{d.n_channels}x{d.image_size}x{d.image_size}, {d.n_classes} classes; cached at "
           f"{data.cache_path(d.name)}")
@@ -212,6 +212,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("dataset", help="digits | mnist | fashion_mnist | kmnist | cifar10 | cifar100")
     d.add_argument("--root", default=None, help="data root (default $IMGCLF_DATA_ROOT or resources/data)")
     d.add_argument("--from", default=None, help="an archive (.tar.gz/.tgz) or folder to unpack into the root")
+    d.add_argument("--download", action="store_true",
+                   help="download the official release (torchvision, MD5-checked) when the folder is missing")
     d.set_defaults(func=cmd_data)
     return p
 

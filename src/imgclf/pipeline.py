@@ -56,10 +56,14 @@ def aggregate_table(spec_path: str | Path, runs_dir: str | Path, csv_out: str | 
     atomic_write_text(csv_out, report.to_csv(report.aggregate(table, runs_dir, partial=partial)))
 
 
-def render_table(spec_path: str | Path, csv_in: str | Path, md_out: str | Path,
+def render_table(spec_path: str | Path, csv_in: str | Path, md_out: str | Path, html_out: str | Path | None = None,
                  recipes_dir: str | Path = "config/recipes") -> None:
+    """The Markdown table (and the same rows as HTML, which ``snakemake --report`` displays)."""
     from imgclf.tables import report, spec
     from imgclf.utils import atomic_write_text
 
     table = spec.load(spec_path, recipes_dir)
-    atomic_write_text(md_out, report.render_markdown(table, report.read_csv(csv_in)))
+    frame = report.read_csv(csv_in)
+    atomic_write_text(md_out, report.render_markdown(table, frame))
+    if html_out is not None:
+        atomic_write_text(html_out, report.render_html(table, frame))

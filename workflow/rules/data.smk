@@ -5,6 +5,7 @@ rule data:
         "logs/data/{dataset}.log",
     params:
         data_root=config.get("data_root", ""),
+        download=config.get("download", True),
     localrule: True
     conda:
         "../envs/imgclf.yaml"

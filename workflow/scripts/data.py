@@ -7,4 +7,4 @@ sys.stderr = open(snakemake.log[0], "w")
 os.environ["IMGCLF_CACHE_DIR"] = os.path.dirname(snakemake.output[0])
 from imgclf.data import data_root, prepare  # noqa: E402
 
-prepare(snakemake.wildcards.dataset, root=data_root(snakemake.params.data_root))
+prepare(snakemake.wildcards.dataset, root=data_root(snakemake.params.data_root), download=snakemake.params.download)

@@ -160,11 +160,14 @@ def _write_cache(path: Path, data: Data, fingerprint: str) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def prepare(name: str, root: str | Path, source: str | Path | None = None) -> Data:
+def prepare(name: str, root: str | Path, source: str | Path | None = None, download: bool = False) -> Data:
     """``imgclf data``: unpack ``source`` (an official archive, the JPEG-copy archive, or a
-    folder) into ``<root>/<dataset>/`` if given, then read, verify and cache the dataset."""
+    folder) into ``<root>/<dataset>/`` if given, or download the official release when
+    ``download`` and the folder is missing; then read, verify and cache the dataset."""
     name = canonical_name(name)
     target = Path(root) / DATASETS[name].folder
+    if source is None and download and DATASETS[name].folder and not target.is_dir():
+        fetch(name, target)
     if source is not None:
         source = Path(source)
         if not source.exists():
@@ -174,6 +177,40 @@ def prepare(name: str, root: str | Path, source: str | Path | None = None) -> Da
         else:
             _unpack(source, target, name)
     return load(name, root=root, folder=target if DATASETS[name].folder else None)
+
+
+# torchvision's downloaders fetch the official releases and verify their published MD5s.
+_TORCHVISION = {"MNIST": "MNIST", "FashionMNIST": "FashionMNIST", "KMNIST": "KMNIST", "CIFAR10": "CIFAR10",
+                "CIFAR100": "CIFAR100"}
+
+
+def fetch(name: str, target: Path) -> None:
+    """Download ``name``'s official files into ``target`` in our layout (IDX files, or the
+    python batches); a machine without internet gets one line saying what to place where."""
+    import torchvision.datasets as tvd
+
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent if target.parent.is_dir() else None))
+    try:
+        cls = getattr(tvd, _TORCHVISION[name])
+        try:
+            cls(str(staging), train=True, download=True)
+            cls(str(staging), train=False, download=True)
+        except Exception as e:  # noqa: BLE001 - URLError, socket errors, checksum failures
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(
+                f"{target}: {name} is not there and could not be downloaded ({first}); place the official "
+                f"files there or run `imgclf data {name.lower()} --from ARCHIVE`") from None
+        if DATASETS[name].reader == "idx":
+            raw = staging / name / "raw"
+            target.mkdir(parents=True, exist_ok=True)
+            for gz in raw.glob("*.gz"):
+                os.replace(gz, target / gz.name)
+        else:
+            batches = next(p for p in staging.iterdir() if p.is_dir() and p.name.startswith("cifar-"))
+            target.mkdir(parents=True, exist_ok=True)
+            os.replace(batches, target / batches.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _copy_tree(src: Path, target: Path) -> None:

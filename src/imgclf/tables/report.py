@@ -204,14 +204,6 @@ def render_html(table: Table, frame: pd.DataFrame) -> str:
             f"{body}\n{notes}</body></html>\n")
 
 
-def render_table_html(spec_path: str | Path, csv_in: str | Path, html_out: str | Path,
-                      recipes_dir: str | Path = "config/recipes") -> None:
-    """``render_html`` from the aggregated CSV (the workflow's render rule, beside the Markdown)."""
-    from .spec import load
-
-    atomic_write_text(html_out, render_html(load(spec_path, recipes_dir), read_csv(csv_in)))
-
-
 def to_csv(frame: pd.DataFrame) -> str:
     buf = io.StringIO()
     frame.to_csv(buf, index=False)
