@@ -1,7 +1,6 @@
 """Real MNIST from the data root (../shared/data in CI): real learning in well under 2 minutes."""
 import time
 
-import pytest
 
 from conftest import RECIPES
 from imgclf import config as C, runs

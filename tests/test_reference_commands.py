@@ -272,14 +272,16 @@ def test_readme_command_parses(section, cid, recipe, text, expect):
 
 # --------------------------------------------------------------------------- running them, shrunk
 def speed_args(cfg: C.Config) -> list[str]:
-    """Shrink the command's model to a few hundred parameters per layer; one epoch."""
+    """Shrink the command's model to a few hundred parameters per layer; one epoch. At the
+    README's 4096-image batches a step costs seconds on one thread even so: width 1 there."""
     name = cfg.model.name
     m = getattr(cfg.model, name)
     bottleneck = getattr(m, "block_type", "basic") == "bottleneck"
+    width = 1 if cfg.train.batch_size >= 1024 else 4
     shrink = {
         "vgg": {"n_channels": "[4, 4, 4, 4, 4]", "n_layers": "[1, 1, 1, 1, 1]"},
         "resnet": {"depth": 11 if bottleneck else 8, "initial_channels": 4},
-        "resnet_preact": {"depth": 11 if bottleneck else 8, "initial_channels": 4},
+        "resnet_preact": {"depth": 11 if bottleneck else 8, "initial_channels": width},
         "wrn": {"depth": 10, "widening_factor": 1, "initial_channels": 4},
         "densenet": {"depth": 10 if bottleneck else 7, "growth_rate": 4},
         "pyramidnet": {"depth": 11 if bottleneck else 8, "alpha": 8, "initial_channels": 4},
@@ -374,19 +376,27 @@ DIGIT_RUNS = {
     "gradient_clip": "train.gradient_clip 1.0",
     "bf16": "train.precision bf16",
     # Schedules, each after a warmup.
+    # Schedules, each after a one-epoch warmup (3 epochs: warmup, then room for a milestone or
+    # an SGDR restart; milestones and T0 count from the warmup's end).
     "constant+warmup": "scheduler.type constant scheduler.warmup.type linear scheduler.warmup.epochs 1",
-    "multistep+warmup": "scheduler.type multistep scheduler.milestones [2] scheduler.warmup.type linear "
+    "multistep+warmup": "scheduler.type multistep scheduler.milestones [1] scheduler.warmup.type linear "
                         "scheduler.warmup.epochs 1",
     "linear+warmup": "scheduler.type linear scheduler.warmup.type exponential scheduler.warmup.epochs 1",
     "cosine+warmup": "scheduler.type cosine scheduler.warmup.type linear scheduler.warmup.epochs 1",
     "sgdr+warmup": "scheduler.type sgdr scheduler.T0 1 scheduler.warmup.type linear scheduler.warmup.epochs 1",
 }
+# The lr logged after each epoch of the schedule runs (base_lr 0.1, the digits recipe's lr_min_factor 0).
+SCHEDULE_LRS = {"constant+warmup": [0.1, 0.1, 0.1], "multistep+warmup": [0.1, 0.01, 0.01],
+                "linear+warmup": [0.1, 0.05, 0.0], "cosine+warmup": [0.1, 0.05, 0.0],
+                "sgdr+warmup": [0.1, 0.1, 0.0]}
 DIGIT_EPOCHS = 2
+# TINY (tests/conftest.py) at batch 64: 21 steps an epoch.
+DIGIT_BATCH = 64
 
 
 def tiny_args(**extra) -> list[str]:
     out = []
-    for k, v in {**TINY, "scheduler.epochs": DIGIT_EPOCHS, **extra}.items():
+    for k, v in {**TINY, "scheduler.epochs": DIGIT_EPOCHS, "train.batch_size": DIGIT_BATCH, **extra}.items():
         out += [k, str(v)]
     return out
 
@@ -395,13 +405,17 @@ def tiny_args(**extra) -> list[str]:
 def test_feature_trains_on_digits(what, tmp_path, capsys):
     feature = shlex.split(DIGIT_RUNS[what])
     out = tmp_path / "run"
-    rc = cli.main(["train", "--config", str(DIGITS), "--output-dir", str(out), "--quiet", *tiny_args(), *feature])
+    epochs = len(SCHEDULE_LRS.get(what, [None] * DIGIT_EPOCHS))
+    rc = cli.main(["train", "--config", str(DIGITS), "--output-dir", str(out), "--quiet",
+                   *tiny_args(**{"scheduler.epochs": epochs}), *feature])
     assert rc == 0, capsys.readouterr().err
     cfg = C.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text()))
     for key, raw in zip(feature[::2], feature[1::2]):  # the switch really is on
         assert C.get_key(cfg, key) == C.parse_scalar(raw), key
     rows = read_log(out)
-    assert len(rows) == DIGIT_EPOCHS
+    assert len(rows) == epochs
+    if what in SCHEDULE_LRS:
+        assert [float(r["lr"]) for r in rows] == pytest.approx(SCHEDULE_LRS[what], abs=1e-9)
     losses = [float(r["train_loss"]) for r in rows]
     assert all(math.isfinite(x) for x in losses), losses
     result = json.loads((out / "result.json").read_text())

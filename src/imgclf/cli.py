@@ -99,7 +99,6 @@ def cmd_evaluate(args) -> int:
 def cmd_summary(args) -> int:
     import torch
 
-    from imgclf.data.datasets import DATASETS  # noqa: F401  (validates the import path)
     from imgclf.models import build
     from imgclf.models.summary import summarize
 

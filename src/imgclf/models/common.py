@@ -1,7 +1,9 @@
 """Pieces shared by the model families."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def initialize_weights(model: nn.Module) -> None:
@@ -30,3 +32,8 @@ def blocks_per_stage(depth: int, block_type: str, n_stages: int = 3, family: str
             f"(need depth = {n_stages * per_block}n + 2, e.g. {valid})"
         )
     return n
+
+
+def global_pool(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C): global average pooling, so 28x28 and 32x32 inputs share one head."""
+    return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)

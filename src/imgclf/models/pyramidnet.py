@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import blocks_per_stage, initialize_weights
+from .common import blocks_per_stage, initialize_weights, global_pool
 from .registry import register
 
 
@@ -97,7 +97,7 @@ class PyramidNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.units(self.bn(self.conv(x)))
         x = F.relu(self.bn_out(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(global_pool(x))
 
 
 @register("pyramidnet")

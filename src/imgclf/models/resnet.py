@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import blocks_per_stage, initialize_weights
+from .common import blocks_per_stage, initialize_weights, global_pool
 from .registry import register
 
 
@@ -82,7 +82,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(F.relu(self.bn(self.conv(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(global_pool(x))
 
 
 @register("resnet")

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import blocks_per_stage
+from .common import blocks_per_stage, global_pool
 from .registry import register
 from .resnet_preact import BasicUnit, BottleneckUnit, ResNetPreAct
 
@@ -26,7 +26,7 @@ class SqueezeExcitation(nn.Module):
         self.fc2 = nn.Linear(hidden, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        s = global_pool(x)
         s = torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
         return x * s[:, :, None, None].to(x.dtype)
 
