@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from typing import Callable
 
 import torch
@@ -29,24 +27,7 @@ from imgclf.augment.ricap import ricap
 from imgclf.config import AugmentationConfig
 from imgclf.losses import smooth_targets
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seconds_per_call(fn: Callable[[], object], device: torch.device, reps: int, warmup: int) -> float:
-    """Median seconds of one call over ``reps`` timed calls, each synchronized."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from .common import seconds_per_call
 
 
 def methods(x: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> dict[str, Callable[[], object]]:

@@ -1,20 +1,18 @@
 """Training throughput of every model family: images per second of one SGD step.
 
-    python -m benchmarks.models            # each family's CIFAR recipe, batch 128, current device
+    python -m benchmarks.models            # each family's CIFAR recipe at its own batch size, current device
     python -m benchmarks.models --smoke    # tiny configurations, one window: a seconds-long check
 
-A step is forward + backward + SGD update on random 3x32x32 images in
-channels_last layout (the engine's default), with the recipe's optimizer settings.
-Each family is warmed up first (cuDNN autotuning, allocator), then timed over
-several windows; the table reports the median window and the spread.
+A step is forward + backward + the recipe's optimizer update (built by the engine's
+``build_optimizer``) on random 3x32x32 images, by default in channels_last layout (the
+engine's default). Each family is warmed up first (cuDNN autotuning, oneDNN primitives,
+allocator), then timed over several windows; the table reports the median window and
+the spread. ``python -m benchmarks.run`` runs this for every family beside the rest.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +20,10 @@ import torch.nn.functional as F
 
 from imgclf import config, models
 from imgclf.models.summary import summarize
+from imgclf.optim import build_optimizer
+
+from .common import (PeakMemory, Timing, autocast, available_memory, device_title, resolve_device,
+                     time_windows, trim)
 
 RECIPES = Path(__file__).resolve().parents[1] / "config" / "recipes" / "cifar"
 
@@ -40,66 +42,119 @@ SMOKE = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def describe(cfg: config.Config) -> str:
     options = dataclasses.asdict(getattr(cfg.model, cfg.model.name))
     options.pop("n_blocks", None)  # ImageNet-style option, unused by the CIFAR models
     return " ".join(f"{k}={v}" for k, v in options.items())
 
 
-def benchmark(name: str, args, device: torch.device) -> dict:
-    overrides = {f"model.{name}.{k}": v for k, v in SMOKE[name].items()} if args.smoke else {}
-    cfg = config.build(RECIPES / f"{name}.yaml", overrides)
-    model = models.build(cfg, in_channels=3, n_classes=10).to(device, memory_format=torch.channels_last)
-    info = summarize(model, (3, 32, 32))
+def recipe(name: str, smoke: bool) -> config.Config:
+    """The family's seed configuration (``config/recipes/cifar/<name>.yaml``), or its smoke miniature."""
+    overrides = {f"model.{name}.{k}": v for k, v in SMOKE[name].items()} if smoke else {}
+    return config.build(RECIPES / f"{name}.yaml", overrides)
+
+
+def train_step(cfg: config.Config, device: torch.device, *, batch_size: int, precision: str = "fp32",
+               channels_last: bool = True):
+    """(step, model): one training step of ``cfg``'s model on a fixed random batch."""
+    model = models.build(cfg, in_channels=3, n_classes=10).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.train.base_lr, momentum=cfg.train.momentum,
-                          nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
-    x = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (args.batch_size,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    opt = build_optimizer(cfg, model)
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp")
 
-    def step():
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with autocast:
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+        with autocast(device, precision):
+            out = model(x)
+        scaler.scale(F.cross_entropy(out.float(), y)).backward()
+        scaler.step(opt)
+        scaler.update()
 
-    for _ in range(args.warmup):
+    return step, model
+
+
+def fitting_batch(cfg: config.Config, device: torch.device, batch: int, budget: int, **step_options) -> int:
+    """The largest of batch, batch/2, batch/4, ... whose training step should fit ``budget`` bytes
+    (CPU). Two probe steps (batch 8 and 16) give the peak resident memory per image; the
+    estimate takes it 1.5 times, as the allocator may reuse pages the probe freed."""
+    if batch <= 16:
+        return batch
+    memory = PeakMemory(device)
+    memory.reset()
+    base = memory.current()
+    peaks = []
+    for probe in (8, 16):
+        step, model = train_step(cfg, device, batch_size=probe, **step_options)
         step()
-    rates = []
-    for _ in range(args.windows):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        _sync(device)
-        rates.append(args.steps * args.batch_size / (time.perf_counter() - t0))
-    return {"name": name, "config": describe(cfg), "params": info["params"], "macs": info["macs"],
-            "median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+        del step, model
+        peaks.append(memory.read())
+    per_image = max(peaks[1] - peaks[0], 0) / 8
+    while batch > 16 and (peaks[1] - base) + 1.5 * per_image * (batch - 16) > budget:
+        batch //= 2
+    return batch
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+def benchmark(name: str, device: torch.device, *, smoke: bool = False, batch_size: int | None = None,
+              precision: str = "fp32", channels_last: bool = True, warmup: int = 5, windows: int = 5,
+              steps: int = 10, max_seconds: float | None = None, memory_fraction: float | None = None) -> dict:
+    """One family at its recipe's batch size (or ``batch_size``): throughput and peak memory.
+
+    ``memory_fraction`` (CPU): when the step's estimated peak exceeds that fraction of the
+    memory available now, the batch is halved until it fits, and the result says so.
+    """
+    cfg = recipe(name, smoke)
+    batch = wanted = batch_size or cfg.train.batch_size
+    notes = []
+    trim()  # what an earlier family left in the C heap counts as available
+    available = available_memory()
+    if memory_fraction and device.type == "cpu" and available:
+        batch = fitting_batch(cfg, device, batch, int(memory_fraction * available), precision=precision,
+                              channels_last=channels_last)
+        if batch != wanted:
+            notes.append(f"batch {batch}, not the recipe's {wanted}: {wanted} would not fit in "
+                         f"{memory_fraction:.0%} of the {available / 2**30:.0f} GiB available")
+    memory = PeakMemory(device)
+    while True:
+        memory.reset()
+        torch.manual_seed(0)
+        try:
+            step, model = train_step(cfg, device, batch_size=batch, precision=precision,
+                                     channels_last=channels_last)
+            timing: Timing = time_windows(step, device, items=batch, warmup=warmup, windows=windows,
+                                          steps=steps, max_seconds=max_seconds)
+            break
+        except torch.OutOfMemoryError:  # CUDA: halve the batch, as on CPU, and say so
+            if device.type != "cuda" or batch == 1:
+                raise
+            step = model = None
+            torch.cuda.empty_cache()
+            batch //= 2
+            notes[:] = [f"batch {batch}, not the recipe's {wanted}: out of device memory"]
+    timing.notes[:0] = notes
+    info = summarize(model, (3, 32, 32))
+    return {"name": name, "config": describe(cfg), "batch": batch, "params": info["params"],
+            "macs": info["macs"], "timing": timing, "median": timing.median, "min": min(timing.rates),
+            "max": max(timing.rates), "peak_bytes": memory.read(), "precision": precision}
 
 
 def render(rows: list[dict], args, device: torch.device) -> str:
-    head = (f"Training throughput, batch {args.batch_size}, 3x32x32, channels_last, "
-            f"{'bf16 autocast' if args.bf16 else 'fp32'}, on {device_name(device)}, torch {torch.__version__}; "
-            f"median of {args.windows} window(s) of {args.steps} step(s) after {args.warmup} warm-up step(s)"
+    head = (f"Training throughput, 3x32x32, {'channels_last' if not args.nchw else 'NCHW'}, {args.precision}, "
+            f"on {device_title(device)}, torch {torch.__version__}; median of up to {args.windows} window(s) of "
+            f"{args.steps} step(s) after {args.warmup} warm-up step(s)"
             + (" [SMOKE: tiny configurations, not representative]" if args.smoke else ""))
-    lines = [head, "", "| Model | Configuration | Params (M) | MACs/image (M) | img/s (median) | min–max |",
-             "|---|---|---:|---:|---:|---|"]
+    lines = [head, "", "| Model | Configuration | Batch | Params (M) | MACs/image (M) | img/s (median) | min–max | "
+             "Windows | Notes |", "|---|---|---:|---:|---:|---:|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['config']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e6:.1f} | "
-                     f"{r['median']:.0f} | {r['min']:.0f}–{r['max']:.0f} |")
+        t = r["timing"]
+        lines.append(f"| {r['name']} | {r['config']} | {r['batch']} | {r['params'] / 1e6:.2f} | "
+                     f"{r['macs'] / 1e6:.1f} | {r['median']:.0f} | {t.spread} | {t.windows} | "
+                     f"{'; '.join(t.notes)} |")
     return "\n".join(lines)
 
 
@@ -107,25 +162,35 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny configurations and one short window")
     parser.add_argument("--models", nargs="+", default=sorted(config.MODEL_NAMES), choices=sorted(config.MODEL_NAMES))
-    parser.add_argument("--batch-size", type=int, default=None, help="default 128 (smoke: 32)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (smoke: 32)")
     parser.add_argument("--windows", type=int, default=None, help="timed windows (default 5; smoke: 1)")
     parser.add_argument("--steps", type=int, default=None, help="steps per window (default 10; smoke: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; smoke: 1)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast instead of fp32")
+    parser.add_argument("--max-seconds", type=float, default=None, help="time budget per family (default none)")
+    parser.add_argument("--memory-fraction", type=float, default=0.5,
+                        help="CPU: halve a batch whose estimated peak exceeds this share of the available memory "
+                             "(0 = never)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "amp"],
+                        help="fp32, bf16 autocast, or amp (fp16 autocast, CUDA)")
+    parser.add_argument("--bf16", action="store_true", help="shorthand for --precision bf16")
+    parser.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     args = parser.parse_args(argv)
+    if args.bf16:
+        args.precision = "bf16"
     defaults = dict(batch_size=32, windows=1, steps=2, warmup=1) if args.smoke else \
-        dict(batch_size=128, windows=5, steps=10, warmup=5)
+        dict(batch_size=None, windows=5, steps=10, warmup=5)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.windows < 1 or args.steps < 1 or args.batch_size < 1:
+    if args.windows < 1 or args.steps < 1 or (args.batch_size is not None and args.batch_size < 1):
         parser.error("--windows, --steps and --batch-size must be >= 1")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
-    torch.manual_seed(0)
-    rows = [benchmark(name, args, device) for name in args.models]
+    rows = [benchmark(name, device, smoke=args.smoke, batch_size=args.batch_size, precision=args.precision,
+                      channels_last=not args.nchw, warmup=args.warmup, windows=args.windows, steps=args.steps,
+                      max_seconds=args.max_seconds, memory_fraction=None if args.smoke else args.memory_fraction)
+            for name in args.models]
     print(render(rows, args, device))
 
 
