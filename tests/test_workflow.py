@@ -92,3 +92,12 @@ def test_conda_env_pins_match_pyproject():
     env = yaml.safe_load((REPO / "workflow" / "envs" / "imgclf.yaml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert sorted(pip) == sorted(deps)
+
+
+def test_every_table_spec_satisfies_the_json_schema():
+    """The schema documents the spec format for editors; the loader checks the rest."""
+    from imgclf.tables import plan
+
+    tables = plan.Plan.from_dir(REPO / "config" / "tables", REPO / "config" / "recipes",
+                                schema=REPO / "workflow" / "schemas" / "table.schema.yaml").tables
+    assert len(tables) >= 47

@@ -325,11 +325,11 @@ def _as_dict(node: Any) -> dict[str, Any]:
     """dataclasses.asdict for this schema (dataclasses, scalars, lists of scalars), 10x faster:
     planning converts every row's config."""
     out = {}
-    for name in _field_names_ordered(type(node)):
+    for name, nested in _field_kinds(type(node)):
         value = getattr(node, name)
-        if dataclasses.is_dataclass(value):
+        if nested:
             out[name] = _as_dict(value)
-        elif isinstance(value, list):
+        elif type(value) is list:
             out[name] = list(value)
         else:
             out[name] = value
@@ -337,8 +337,10 @@ def _as_dict(node: Any) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=None)
-def _field_names_ordered(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+def _field_kinds(cls: type) -> tuple[tuple[str, bool], ...]:
+    """(field name, is a nested section) in declaration order."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, dataclasses.is_dataclass(hints[f.name])) for f in dataclasses.fields(cls))
 
 
 PRECISION_ALIASES = {"O0": "fp32", "O1": "amp", "O2": "fp16_master", "O3": "fp16"}
