@@ -112,6 +112,10 @@ class Trainer:
         self.stop_event = stop_event or threading.Event()
         self.saved_event = saved_event or threading.Event()
         self.rank, self.world_size, local_rank = _init_distributed(cfg)
+        if cfg.train.dist.world_size > 0 and cfg.train.dist.world_size != self.world_size:
+            # The world size is part of the run's identity (BN statistics are per rank).
+            raise ValueError(f"train.dist.world_size is {cfg.train.dist.world_size} but {self.world_size} "
+                             "process(es) were launched; use launcher local/slurm with that many tasks or GPUs")
         self.is_main = self.rank == 0
         self.device = select_device(cfg, local_rank)
         self.precision = Precision(C.precision(cfg), self.device)
