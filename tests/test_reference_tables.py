@@ -299,8 +299,6 @@ def test_rows_agree_with_their_configs(tables):
                 assert cfg.scheduler.epochs == r.reported["epochs"], where
 
 
-@pytest.mark.xfail(strict=True, reason="run_id hashes the config only; the number of GPUs (resources.gpus, "
-                   "train.dist.world_size is non-semantic) is not part of it, so the multi-GPU rows share one run")
 def test_rows_on_different_gpu_counts_are_different_runs(tables):
     """Same global batch on 2, 4 or 8 GPUs is not the same run: BN statistics are per GPU."""
     seen: dict[str, tuple[str, int]] = {}

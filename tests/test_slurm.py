@@ -86,30 +86,44 @@ def reference(tmp_path_factory):
     return torch.load(run / "model.pt", weights_only=True)
 
 
-def test_preempted_and_timed_out_jobs_requeue_and_resume_exactly(tmp_path, reference):
+def assert_interrupted_and_identical(run, reference, reason):
+    weights = torch.load(run / "model.pt", weights_only=True)
+    for k in reference:
+        assert torch.equal(weights[k], reference[k]), (run.name, k)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert len((run / "train_log.csv").read_text().splitlines()) == 1 + cfg["scheduler"]["epochs"]
+    logs = "".join(p.read_text() for p in (run / "submitit").glob("*_log.err"))
+    assert reason in logs, run.name  # it really was interrupted, and then requeued
+    assert len(list((run / "submitit").glob("*_0_log.out"))) >= 1
+
+
+def test_preempted_job_requeues_and_resumes_exactly(tmp_path, reference):
     from imgclf.launch import Resources, submit
 
-    preempted = make_run(tmp_path / "preempted", **LONG)
-    timed_out = make_run(tmp_path / "timed_out", **LONG)
-    one_cpu = dict(cpus_per_task=1, mem_gb=2, max_requeues=3)
-    job_p = submit(preempted, "slurm", Resources(time_min=20, **one_cpu), "preempt-test")
-    # A 1-minute limit with the warning 45 s before it: the run needs longer than 15 s.
-    job_t = submit(timed_out, "slurm", Resources(time_min=1, signal_delay_s=45, **one_cpu), "timeout-test")
-    for job in (job_p, job_t):
-        job._results_timeout_s = 5
-    wait_for(lambda: (preempted / "checkpoint.pt").exists(), 300, "the first checkpoint")
-    job_p._interrupt()  # SIGTERM + USR2, as SLURM preemption does
-    for job, run in ((job_p, preempted), (job_t, timed_out)):
-        result = job.results()[0]
-        assert result["epochs"] == LONG["scheduler.epochs"]
-        weights = torch.load(run / "model.pt", weights_only=True)
-        for k in reference:
-            assert torch.equal(weights[k], reference[k]), (run.name, k)
-        rows = (run / "train_log.csv").read_text().splitlines()
-        assert len(rows) == 1 + LONG["scheduler.epochs"]
-        logs = "".join(p.read_text() for p in (run / "submitit").glob("*_log.err"))
-        assert "preempted" in logs or "timed-out" in logs, run.name  # it really was interrupted
-        assert "Requeued" in logs or "requeue" in logs.lower()
+    run = make_run(tmp_path / "preempted", **LONG)
+    job = submit(run, "slurm", Resources(time_min=20, cpus_per_task=1, mem_gb=2, max_requeues=3), "preempt-test")
+    job._results_timeout_s = 5
+    wait_for(lambda: (run / "checkpoint.pt").exists(), 300, "the first checkpoint")
+    job._interrupt()  # SIGTERM + USR2, as SLURM preemption does
+    assert job.results()[0]["epochs"] == LONG["scheduler.epochs"]
+    assert_interrupted_and_identical(run, reference, "preempted")
+
+
+def test_job_hitting_its_time_limit_requeues_and_finishes(tmp_path):
+    """A 1-minute limit, warned 45 s before it (slurmctld checks limits every ~30 s, so the
+    warning lands 15-45 s in): ~70 s of training needs at least one requeue."""
+    from imgclf.engine import train
+    from imgclf.launch import Resources, submit
+
+    slow = {"model.resnet_preact.initial_channels": 16, "scheduler.epochs": 100}
+    run = make_run(tmp_path / "timed_out", **slow)
+    job = submit(run, "slurm", Resources(time_min=1, signal_delay_s=45, cpus_per_task=1, mem_gb=2,
+                                         max_requeues=8), "timeout-test")
+    job._results_timeout_s = 5
+    ref = make_run(tmp_path / "reference", **slow)
+    train(ref, progress=False)  # meanwhile, in this process
+    assert job.results()[0]["epochs"] == slow["scheduler.epochs"]
+    assert_interrupted_and_identical(run, torch.load(ref / "model.pt", weights_only=True), "timed-out")
 
 
 def test_failing_job_surfaces_its_error_and_reruns_alone(tmp_path):
