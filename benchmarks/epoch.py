@@ -48,7 +48,7 @@ def subset(data: datasets.Data, n_train: int, n_test: int) -> datasets.Data:
 def injected_cache(data: datasets.Data, folder: Path):
     """``$IMGCLF_CACHE_DIR`` -> ``folder`` holding ``data`` as the CIFAR10 cache, for the duration."""
     folder.mkdir(parents=True, exist_ok=True)
-    datasets._write_cache(folder / "CIFAR10.pt", data, "builtin")
+    datasets._write_cache(folder / "cifar10.pt", data, "builtin")
     saved = os.environ.get("IMGCLF_CACHE_DIR")
     os.environ["IMGCLF_CACHE_DIR"] = str(folder)
     try:

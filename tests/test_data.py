@@ -599,7 +599,7 @@ def test_cli_data_from_jpeg_copy_archive(tmp_path, capsys):
     rc, out, err = data_cli(capsys, "cifar10", "--root", root, "--from", tgz)
     assert rc == 0, err
     assert out.strip() == (f"CIFAR10: 9 train + 6 test images, 3x32x32, 3 classes; cached at "
-                           f"{tmp_path / 'cache' / 'CIFAR10.pt'}")
+                           f"{tmp_path / 'cache' / 'cifar10.pt'}")
     assert sorted(p.name for p in (root / "cifar10" / "train").iterdir()) == ["airplane", "cat", "truck"]
     assert not [p for p in root.iterdir() if p.name.startswith(".unpack-")]  # staging cleaned up
     d = load("CIFAR10", root=root)

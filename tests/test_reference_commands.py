@@ -307,7 +307,7 @@ def write_cifar_cache(cache_dir, n_train: int, n_test: int = 64) -> None:
                 torch.randint(0, 256, (n_test, 3, 32, 32), dtype=torch.uint8, generator=g),
                 torch.arange(n_test) % 10,
                 [str(i) for i in range(10)], [0.5, 0.5, 0.5], [0.29, 0.29, 0.29])
-    _write_cache(cache_dir / "CIFAR10.pt", data, "builtin")
+    _write_cache(cache_dir / "cifar10.pt", data, "builtin")
 
 
 def read_log(run_dir):

@@ -30,8 +30,10 @@ for name in config["tables"]:
 print(PLAN.summary(RUNS_DIR), file=sys.stderr)
 
 
+# A run id is <dataset>-<model>-<config hash>; its dataset part names the dataset cache it reads.
 wildcard_constraints:
-    run_id=r"[a-z0-9]+-[a-z_]+-[0-9a-f]{8}",
+    dataset=r"[a-z0-9]+",
+    run=r"[a-z_]+-[0-9a-f]{8}",
     seed=r"\d+",
     table=r"[a-z0-9_]+",
 
@@ -60,26 +62,23 @@ def get_report_labels(figure):
 
 
 def get_run(wildcards):
-    if wildcards.run_id not in PLAN.runs:
-        raise WorkflowError(f"run '{wildcards.run_id}' belongs to no row of config/tables/*.yaml")
-    return PLAN.runs[wildcards.run_id]
+    run_id = f"{wildcards.dataset}-{wildcards.run}"
+    if run_id not in PLAN.runs:
+        raise WorkflowError(f"run '{run_id}' belongs to no row of config/tables/*.yaml")
+    return PLAN.runs[run_id]
 
 
-def get_dataset_cache(wildcards):
-    return f"resources/cache/{get_run(wildcards).dataset}.pt"
-
-
-def get_run_config(wildcards):
-    return get_run(wildcards).config
-
-
-def get_run_resources(wildcards):
-    """Profile/config SLURM settings, then the config's defaults, then the row's own needs."""
-    return {**config.get("slurm", {}), **get_run(wildcards).resources}
-
-
-def get_job_time(wildcards):
-    return get_run(wildcards).resources.get("time_min", 60)
+def get_train_job(wildcards):
+    """What a training job needs: the resolved config, the cluster resources (profile/config
+    SLURM settings, then the config's defaults, then the row's own needs) and the launcher."""
+    run = get_run(wildcards)
+    return {
+        "config": run.config,
+        "resources": {**config.get("slurm", {}), **run.resources},
+        "launcher": config["launcher"],
+        "data_root": config.get("data_root", ""),
+        "progress": config.get("progress", True),
+    }
 
 
 def get_table_seeds(wildcards):

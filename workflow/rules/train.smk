@@ -1,19 +1,13 @@
 rule train:
     input:
-        get_dataset_cache,
+        "resources/cache/{dataset}.pt",
     output:
-        "results/runs/{run_id}/seed{seed}/result.json",
+        "results/runs/{dataset}-{run}/seed{seed}/result.json",
     log:
-        "logs/train/{run_id}/seed{seed}.log",
+        "logs/train/{dataset}-{run}/seed{seed}.log",
     params:
-        config=get_run_config,
-        resources=get_run_resources,
-        launcher=config["launcher"],
-        data_root=config.get("data_root", ""),
-        progress=config.get("progress", True),
+        job=get_train_job,
     threads: config.get("threads_per_job", 1)
-    resources:
-        runtime=get_job_time,
     conda:
         "../envs/imgclf.yaml"
     script:

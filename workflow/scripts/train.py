@@ -9,19 +9,16 @@ os.environ.setdefault("IMGCLF_CACHE_DIR", str(Path(snakemake.input[0]).parent.re
 from imgclf.pipeline import train_seed  # noqa: E402
 
 run_dir = Path(snakemake.output[0]).parent
+job = snakemake.params.job
 with open(snakemake.log[0], "w") as log:
     try:
-        result = train_seed(
-            run_dir,
-            snakemake.params.config,
-            int(snakemake.wildcards.seed),
-            launcher=snakemake.params.launcher,
-            resources=snakemake.params.resources,
-            threads=snakemake.threads,
-            data_root=snakemake.params.data_root,
-            progress=snakemake.params.progress,
-        )
+        result = train_seed(run_dir, job["config"], int(snakemake.wildcards.seed), launcher=job["launcher"],
+                            resources=job["resources"], threads=snakemake.threads, data_root=job["data_root"],
+                            progress=job["progress"])
     except BaseException:
         traceback.print_exc(file=log)
         raise
-    log.write(f"{run_dir}: test error {result['test_error']:.2f}% in {result['wall_seconds']:.0f} s\n")
+    if result.get("diverged"):
+        log.write(f"{run_dir}: diverged: {result['message']}\n")
+    else:
+        log.write(f"{run_dir}: test error {result['test_error']:.2f}% in {result['wall_seconds']:.0f} s\n")

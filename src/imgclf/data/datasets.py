@@ -79,7 +79,7 @@ def cache_dir() -> Path:
 
 
 def cache_path(name: str) -> Path:
-    return cache_dir() / f"{canonical_name(name)}.pt"
+    return cache_dir() / f"{canonical_name(name).lower()}.pt"  # the workflow's {dataset} slug
 
 
 def _read(name: str, folder: Path) -> dict:
