@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import pickle
+import warnings
 import zlib
 from pathlib import Path
 
@@ -194,11 +195,19 @@ def read_cifar(folder: Path, name: str) -> dict:
     return out
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 def read_image_folder(folder: Path) -> dict:
     """``<folder>/<split>/<class>/*.png|jpg``; classes in sorted order, files in sorted order."""
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders (one warning per image: 120,000 for CIFAR-10);
+        # they still decode exactly, and the cache means this runs once per dataset.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _read_image_folder(folder)
+
+
+def _read_image_folder(folder: Path) -> dict:
     from torchvision.io import ImageReadMode, decode_image
 
     out: dict = {}
