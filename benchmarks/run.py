@@ -13,7 +13,8 @@ Measures, on one device:
   3. The data pipeline (DeviceLoader gather + TrainTransform) as % of the step.
   4. Training step of every family's seed recipe at the recipe's batch size, fp32 and
      the device's best precision, channels_last, beside the plain step where it fits.
-  5. Snakemake's planning time for every table (``snakemake -n all_tables``).
+  5. Snakemake's planning time (``benchmarks.planning``): ``snakemake -n all_tables``
+     repeated, and every table alone.
 Each device has one section of RESULTS.md; a run replaces its own device's section
 and keeps the others. ``--smoke`` writes only where ``--out`` says (default: stdout).
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +34,7 @@ from imgclf import config
 from imgclf.augment.pipeline import TrainTransform
 from imgclf.data import DeviceLoader
 
-from . import epoch, models, plain
+from . import epoch, models, plain, planning
 from .common import (PeakMemory, Timing, best_precision, device_facts, device_title, load_average, mib,
                      native_cpu_bf16, resolve_device, seconds_per_call, time_windows)
 
@@ -205,16 +205,12 @@ def families_section(device: torch.device, s: Settings, args, data) -> list[dict
 
 
 # ------------------------------------------------------------------ 5. snakemake
-def snakemake_section(args) -> dict:
-    cmd = [sys.executable, "-m", "snakemake", "-n", "all_tables"]
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.snakemake_timeout)
-    seconds = time.perf_counter() - t0
-    text = out.stdout + out.stderr
-    match = re.search(r"^total\s+(\d+)\s*$", text, re.MULTILINE)
-    jobs = int(match.group(1)) if match else (0 if "Nothing to be done" in text else None)
-    error = None if out.returncode == 0 else (text.strip().splitlines() or ["(no output)"])[-1]
-    return {"seconds": seconds, "jobs": jobs, "error": error, "command": "snakemake -n all_tables"}
+def snakemake_section(args):
+    """``snakemake -n all_tables`` repeated (one run in smoke mode), and in a full run every table alone."""
+    all_tables = planning.measure("all_tables", 1 if args.smoke else args.plan_repeats, args.snakemake_timeout)
+    each = [] if args.smoke else [planning.measure(f"results/tables/{name}.md", 1, args.snakemake_timeout)
+                                  for name in planning.table_names()]
+    return all_tables, each
 
 
 # ------------------------------------------------------------------ rendering
@@ -329,12 +325,7 @@ def render(device: torch.device, s: Settings, meta: dict, step: dict, e2e: dict,
 
     # 5. snakemake
     if smk is not None:
-        out += ["### Workflow planning", "", "| Command | Wall s | Jobs planned |", "|---|---:|---:|",
-                f"| `{smk['command']}` (from the repo root) | {smk['seconds']:.1f} | "
-                f"{smk['jobs'] if smk['jobs'] is not None else '?'} |"]
-        if smk["error"]:
-            out.append(f"\nsnakemake failed: {smk['error']}")
-        out.append("")
+        out += ["### Workflow planning (from the repo root)", "", planning.render(*smk)]
     out.append("<!-- end device -->")
     return "\n".join(out) + "\n"
 
@@ -378,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                              "available memory (the machine may be shared; 0 = never)")
     parser.add_argument("--no-snakemake", action="store_true", help="skip the workflow planning measurement")
     parser.add_argument("--snakemake-timeout", type=float, default=300)
+    parser.add_argument("--plan-repeats", type=int, default=7, help="dry runs of all_tables (median reported)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     if args.max_seconds is None and not args.smoke and device.type == "cpu":

@@ -48,11 +48,14 @@ def test_two_ranks_with_submitit_local_executor(single, tmp_path):
     from imgclf.launch import Resources, run
 
     ddp = make_run(tmp_path / "ddp", **NO_BN, **{"train.dist.world_size": 2})
-    result = run(ddp, launcher="local", resources=Resources(tasks=2, cpus_per_task=1, time_min=10))
+    result = run(ddp, launcher="local", resources=Resources(tasks=2, cpus_per_task=1, time_min=10), evaluate=True)
     assert result["world_size"] == 2
     close_weights(single, ddp)
     only_rank0_wrote(ddp)
     assert len(list((ddp / "submitit").glob("*_1_log.err"))) == 1  # two tasks ran
+    # the same job scored the saved weights, on rank 0 only, agreeing with training's last evaluation
+    score = json.loads((ddp / "eval.json").read_text())
+    assert score["test_error"] == pytest.approx(result["test_error"], abs=1e-9)
 
 
 def test_two_ranks_with_torchrun(single, tmp_path):

@@ -74,6 +74,10 @@ def test_quickstart_table_through_sbatch(tmp_path):
     for run_id in run_ids:
         for seed in range(3):
             assert any(f"{run_id}/seed{seed}|COMPLETED" in n for n in names), (run_id, seed)
+            # one allocation per seed: the evaluation ran inside the training job
+            seed_dir = root / "results" / "runs" / run_id / f"seed{seed}"
+            jobs = {p.name.split("_")[0] for p in (seed_dir / "submitit").glob("*_log.out")}
+            assert len(jobs) == 1 and (seed_dir / "eval.json").is_file(), (run_id, seed, jobs)
     assert planned_jobs(snakemake(root, "-n")) == {}
 
 
@@ -144,4 +148,4 @@ def test_failing_job_surfaces_its_error_and_reruns_alone(tmp_path):
     failed = next(p for p in (root / "results" / "runs").iterdir() if p not in ok)
     assert not (failed / "seed0" / "result.json").exists()
     target = str((failed / "seed0" / "eval.json").relative_to(root))
-    assert planned_jobs(snakemake(root, "-n", target)) == {"train": 1, "evaluate": 1}
+    assert planned_jobs(snakemake(root, "-n", target)) == {"train": 1}

@@ -1,4 +1,5 @@
 """The Snakemake workflow end to end on a tiny table: plan, build, no-op, re-run one seed."""
+import json
 import os
 import shutil
 import subprocess
@@ -45,7 +46,7 @@ def snakemake(project, *args, check=True):
 
 def test_workflow_builds_reruns_one_seed_and_is_idempotent(project):
     dry = snakemake(project, "-n")
-    assert planned_jobs(dry) == {"data": 1, "train": 4, "evaluate": 4, "aggregate": 1, "render": 1, "plots": 1, "all": 1}
+    assert planned_jobs(dry) == {"data": 1, "train": 4, "aggregate": 1, "render": 1, "plots": 1, "all": 1}
     assert "imgclf plan: 1 tables, 3 rows -> 2 distinct runs, 4 run-seeds (0 done, 4 to train)" in dry.stderr
 
     snakemake(project)
@@ -61,16 +62,27 @@ def test_workflow_builds_reruns_one_seed_and_is_idempotent(project):
     survivor = runs[1] / "seed0" / "result.json"
     before = survivor.stat().st_mtime_ns
     victim.unlink()
-    assert planned_jobs(snakemake(project, "-n")) == {"train": 1, "evaluate": 1, "aggregate": 1, "render": 1, "plots": 1,
-                                                      "all": 1}
+    assert planned_jobs(snakemake(project, "-n")) == {"train": 1, "aggregate": 1, "render": 1, "plots": 1, "all": 1}
     snakemake(project)
     assert victim.is_file() and survivor.stat().st_mtime_ns == before
+
+    # A lost eval.json re-runs its seed's job, which resumes from the final checkpoint: the
+    # weights, the log and the score come back identical, with no epoch trained again.
+    seed = runs[1] / "seed1"
+    weights, log, score = (seed / "model.pt").read_bytes(), (seed / "train_log.csv").read_text(), \
+        json.loads((seed / "eval.json").read_text())
+    (seed / "eval.json").unlink()
+    assert planned_jobs(snakemake(project, "-n")) == {"train": 1, "aggregate": 1, "render": 1, "plots": 1, "all": 1}
+    snakemake(project)
+    assert (seed / "model.pt").read_bytes() == weights and (seed / "train_log.csv").read_text() == log
+    again = json.loads((seed / "eval.json").read_text())
+    assert (again["test_error"], again["test_loss"]) == (score["test_error"], score["test_loss"])
 
 
 def test_one_seed_target_builds_alone(project):
     run = sorted((project / "results" / "runs").iterdir())[0]
     out = snakemake(project, "-n", str(run.relative_to(project) / "seed0" / "eval.json"), "--forcerun", "train")
-    assert planned_jobs(out) == {"train": 1, "evaluate": 1}
+    assert planned_jobs(out) == {"train": 1}
 
 
 def test_malformed_table_fails_at_planning_with_one_line(project, tmp_path):
@@ -101,3 +113,52 @@ def test_every_table_spec_satisfies_the_json_schema():
     tables = plan.Plan.from_dir(REPO / "config" / "tables", REPO / "config" / "recipes",
                                 schema=REPO / "workflow" / "schemas" / "table.schema.yaml").tables
     assert len(tables) >= 47
+
+
+def _plan_view(p):
+    """Everything the workflow reads from a plan."""
+    tables = {n: [(r.id, r.label, r.run_id, r.seeds, r.reported, r.cells) for r in t.rows] for n, t in p.tables.items()}
+    runs = {k: (r.dataset, r.config, r.resources, r.seeds, r.rows, r.reported_hours) for k, r in p.runs.items()}
+    return tables, runs
+
+
+def test_plan_cache_is_the_plan_and_follows_every_input(tmp_path, monkeypatch):
+    from imgclf.tables import plan, spec
+
+    tables_dir, recipes_dir = tmp_path / "tables", tmp_path / "recipes"
+    shutil.copytree(REPO / "config" / "recipes", recipes_dir)
+    tables_dir.mkdir()
+    for name in ("cifar10", "lars_1024", "quickstart"):
+        shutil.copy(REPO / "config" / "tables" / f"{name}.yaml", tables_dir)
+    cache = tmp_path / "cache" / "plan.json"
+    fresh = plan.Plan.from_dir(tables_dir, recipes_dir, {"gpus": 1})
+    first = plan.Plan.cached(cache, tables_dir, recipes_dir, {"gpus": 1})
+    assert cache.is_file() and _plan_view(first) == _plan_view(fresh)
+    assert first.summary(tmp_path) == fresh.summary(tmp_path)
+
+    loads = []
+    real_load = spec.load
+    monkeypatch.setattr(spec, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    hit = plan.Plan.cached(cache, tables_dir, recipes_dir, {"gpus": 1})
+    assert loads == [] and _plan_view(hit) == _plan_view(fresh)
+    assert hit.seed_files("cifar10", "results/runs") == fresh.seed_files("cifar10", "results/runs")
+
+    # A changed default, a changed spec or a changed recipe resolves everything again.
+    assert plan.Plan.cached(cache, tables_dir, recipes_dir, {"gpus": 2}).runs and len(loads) == 3
+    quick = tables_dir / "quickstart.yaml"
+    quick.write_text(quick.read_text().replace('title: "', 'title: "(edited) ', 1))
+    edited = plan.Plan.cached(cache, tables_dir, recipes_dir, {"gpus": 2})
+    assert len(loads) == 6 and edited.tables["quickstart"].title.startswith("(edited)")
+    recipe = recipes_dir / "digits" / "resnet_preact.yaml"
+    recipe.write_text(recipe.read_text().replace("base_lr: 0.1\n", "base_lr: 0.125\n"))
+    changed = plan.Plan.cached(cache, tables_dir, recipes_dir, {"gpus": 2})
+    assert len(loads) == 9 and set(changed.runs) != set(edited.runs)  # new configs, new run ids
+
+    # A corrupt cache is resolved again and rewritten; a bad spec fails, and is never cached.
+    cache.write_text("{not json")
+    assert _plan_view(plan.Plan.cached(cache, tables_dir, recipes_dir, {"gpus": 2})) == _plan_view(changed)
+    json.loads(cache.read_text())
+    (tables_dir / "broken.yaml").write_text("title: x\nrows: []\n")
+    for _ in range(2):
+        with pytest.raises(spec.SpecError, match="broken.yaml: 'rows' must be a non-empty list"):
+            plan.Plan.cached(cache, tables_dir, recipes_dir, {"gpus": 2})

@@ -1,7 +1,7 @@
 """What the workflow's rules call: one function per rule, plain arguments, no Snakemake.
 
-The workflow expands table specs into runs; these functions do one run-seed, one
-evaluation, one aggregation or one rendering each.
+The workflow expands table specs into runs; these functions do one run-seed (trained, then
+scored), one aggregation or one rendering each.
 """
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from imgclf import config as C
-from imgclf.utils import write_json
 
 
 def train_seed(run_dir: str | Path, config: dict[str, Any], seed: int, *, launcher: str = "debug",
                resources: dict[str, Any] | None = None, threads: int = 1, data_root: str = "",
                progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) one seed of a run into ``run_dir``; ``result.json`` marks completion."""
+    """Train (or resume) one seed of a run into ``run_dir``, then score its saved final weights in
+    the same job: ``result.json`` marks the training complete, ``eval.json`` the seed."""
     from imgclf import runs
     from imgclf.launch import Resources, run
 
@@ -31,25 +31,8 @@ def train_seed(run_dir: str | Path, config: dict[str, Any], seed: int, *, launch
         import torch
 
         torch.set_num_threads(max(threads, 1))
-    res = Resources(**(resources or {}))
-    # Evaluation runs where training ran: the seed remembers its launcher and resources.
-    write_json(run_dir / "launch.json", {"launcher": launcher, "resources": dict(resources or {})})
-    return run(run_dir, launcher=launcher, resources=res, job_name=f"{run_dir.parent.name}/{run_dir.name}",
-               progress=progress)
-
-
-def evaluate_seed(run_dir: str | Path, *, threads: int = 1) -> dict[str, Any]:
-    """Score one finished seed (-> eval.json) through the launcher and resources of its training."""
-    from imgclf.launch import Resources, evaluate
-    from imgclf.utils import read_json
-
-    launch_file = Path(run_dir) / "launch.json"
-    launch = read_json(launch_file) if launch_file.is_file() else {"launcher": "debug", "resources": {}}
-    if launch["launcher"] == "debug":
-        import torch
-
-        torch.set_num_threads(max(threads, 1))
-    return evaluate(run_dir, launcher=launch["launcher"], resources=Resources(**launch["resources"]))
+    return run(run_dir, launcher=launcher, resources=Resources(**(resources or {})),
+               job_name=f"{run_dir.parent.name}/{run_dir.name}", progress=progress, evaluate=True)
 
 
 def aggregate_table(spec_path: str | Path, runs_dir: str | Path, csv_out: str | Path,

@@ -17,8 +17,10 @@ RUNS_DIR = Path("results/runs")
 
 # imgclf.tables.spec validates every spec fully (keys, types, recipes, resolved configs);
 # workflow/schemas/table.schema.yaml documents the format for editors and is checked in tests.
+# The expanded plan is kept in .snakemake/ until a spec, a recipe or imgclf itself changes.
 try:
-    PLAN = imgclf_plan.Plan.from_dir(TABLES_DIR, RECIPES_DIR, defaults=config.get("resources", {}))
+    PLAN = imgclf_plan.Plan.cached(".snakemake/imgclf/plan.json", TABLES_DIR, RECIPES_DIR,
+                                   defaults=config.get("resources", {}))
 except SpecError as e:
     raise WorkflowError(str(e)) from None
 for name in config["tables"]:

@@ -1,8 +1,11 @@
+# One seed of one run: train (or resume from its last checkpoint), then score the saved final
+# weights, in one job and so in one SLURM allocation. eval.json is what the tables read.
 rule train:
     input:
         "resources/cache/{dataset}.pt",
     output:
         "results/runs/{dataset}-{run}/seed{seed}/result.json",
+        "results/runs/{dataset}-{run}/seed{seed}/eval.json",
     log:
         "logs/train/{dataset}-{run}/seed{seed}.log",
     params:

@@ -2,8 +2,10 @@
 N tasks = N DDP ranks) or ``slurm`` (submitit on SLURM, one task per GPU).
 
 Every launcher runs the same checkpointable callable, :class:`TrainJob`, on a run
-directory that already holds its resolved ``config.yaml``. submitit is imported
-lazily so ``imgclf train`` needs only torch, torchvision, numpy and pyyaml.
+directory that already holds its resolved ``config.yaml``; with ``evaluate=True`` the
+same job then scores the saved final weights (-> eval.json) on rank 0, so a seed costs
+one allocation, not two. submitit is imported lazily so ``imgclf train`` needs only
+torch, torchvision, numpy and pyyaml.
 """
 from __future__ import annotations
 
@@ -45,17 +47,18 @@ class TrainJob:
     training runs in a worker thread, so the handler can ask it to stop at the next step
     boundary, wait for the checkpoint, and hand submitit the same job to requeue."""
 
-    def __init__(self, run_dir: str | Path, progress: bool = False):
+    def __init__(self, run_dir: str | Path, progress: bool = False, evaluate: bool = False):
         self.run_dir = str(Path(run_dir).resolve())
         self.progress = progress
+        self.evaluate = evaluate
         self._stop: threading.Event | None = None
         self._saved: threading.Event | None = None
 
     def __getstate__(self):  # events are per process, never pickled
-        return {"run_dir": self.run_dir, "progress": self.progress}
+        return {"run_dir": self.run_dir, "progress": self.progress, "evaluate": self.evaluate}
 
     def __setstate__(self, state):
-        self.__init__(state["run_dir"], state["progress"])
+        self.__init__(state["run_dir"], state["progress"], state.get("evaluate", False))
 
     def __call__(self) -> dict[str, Any]:
         from imgclf.engine import trainer
@@ -78,6 +81,11 @@ class TrainJob:
 
                 if dist.is_initialized():
                     dist.destroy_process_group()
+            if self.evaluate and "result" in box and int(os.environ.get("RANK", "0")) == 0:
+                try:
+                    _evaluate(self.run_dir)
+                except BaseException as e:  # noqa: BLE001
+                    box["error"] = e
 
         thread = threading.Thread(target=work, name="imgclf-train", daemon=True)
         thread.start()
@@ -95,7 +103,7 @@ class TrainJob:
             if not self._saved.wait(timeout=120):
                 log.warning("%s: no checkpoint within 120 s of the stop request; resuming from the last one",
                             self.run_dir)
-        return submitit.helpers.DelayedSubmission(TrainJob(self.run_dir, self.progress))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.run_dir, self.progress, self.evaluate))
 
 
 def _job_setup() -> None:
@@ -120,10 +128,9 @@ def _job_setup() -> None:
         pass
 
 
-def _evaluate_job(run_dir: str) -> dict[str, Any]:
+def _evaluate(run_dir: str | Path) -> dict[str, Any]:
     from imgclf.engine.evaluator import evaluate_run
 
-    _job_setup()
     return evaluate_run(run_dir)
 
 
@@ -155,17 +162,15 @@ def _submitit_executor(launcher: str, folder: Path, res: Resources):
 
 
 def submit(run_dir: str | Path, launcher: str = "debug", resources: Resources | None = None,
-           job_name: str = "imgclf", fn=None, *args):
-    """Submit ``fn(*args)`` (default: train the run in ``run_dir``) through submitit; returns the
-    Job. Job files and logs go to ``<run_dir>/submitit/``."""
+           job_name: str = "imgclf", evaluate: bool = False):
+    """Submit the training of the run in ``run_dir`` (then its evaluation, with ``evaluate``)
+    through submitit; returns the Job. Job files and logs go to ``<run_dir>/submitit/``."""
     if launcher not in ("local", "slurm"):
         raise ValueError(f"launcher: '{launcher}' cannot submit (one of local, slurm)")
     res = resources or Resources()
     ex = _submitit_executor(launcher, Path(run_dir) / "submitit", res)
     ex.update_parameters(name=job_name)
-    if fn is None:
-        return ex.submit(TrainJob(run_dir))
-    return ex.submit(fn, *args)
+    return ex.submit(TrainJob(run_dir, evaluate=evaluate))
 
 
 def _wait(job, what: str):
@@ -180,28 +185,19 @@ def _wait(job, what: str):
 
 
 def run(run_dir: str | Path, launcher: str = "debug", resources: Resources | None = None,
-        job_name: str = "imgclf", progress: bool | None = None) -> dict[str, Any]:
-    """Train to completion through ``launcher`` and return the result; a failed job raises
-    with the job's own error and the path of its log."""
+        job_name: str = "imgclf", progress: bool | None = None, evaluate: bool = False) -> dict[str, Any]:
+    """Train to completion through ``launcher`` and return the result; with ``evaluate``, the
+    same job then writes eval.json. A failed job raises with its own error and its log's path."""
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher: '{launcher}' is not one of {', '.join(LAUNCHERS)}")
     if launcher == "debug":
         from imgclf.engine import train
 
-        return train(run_dir, progress=progress)
-    return _wait(submit(run_dir, launcher, resources, job_name), f"{run_dir}: training")
-
-
-def evaluate(run_dir: str | Path, launcher: str = "debug", resources: Resources | None = None,
-             job_name: str = "imgclf-eval") -> dict[str, Any]:
-    """Score a finished run (-> eval.json) where its training ran: in-process, or as a job."""
-    from imgclf.engine.evaluator import evaluate_run
-
-    if launcher == "debug":
-        return evaluate_run(run_dir)
-    res = Resources(**{**(resources or Resources()).__dict__, "nodes": 1, "tasks": 1,
-                       "gpus": min((resources or Resources()).gpus, 1), "time_min": 30})
-    return _wait(submit(run_dir, launcher, res, job_name, _evaluate_job, str(run_dir)), f"{run_dir}: evaluation")
+        result = train(run_dir, progress=progress)
+        if evaluate:
+            _evaluate(run_dir)
+        return result
+    return _wait(submit(run_dir, launcher, resources, job_name, evaluate=evaluate), f"{run_dir}: training")
 
 
 def _last_line(e: Exception) -> str:
