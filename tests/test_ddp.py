@@ -68,3 +68,65 @@ def test_two_ranks_with_torchrun(single, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     close_weights(single, ddp)
     only_rank0_wrote(ddp)
+
+
+def _rank(rank: int, run: str, port: int, stop_after: int | None, out: str) -> None:
+    """One gloo rank of a 2-rank Trainer; rank 0 alone is asked to stop after ``stop_after`` steps,
+    as submitit asks global rank 0 alone when SLURM warns the job."""
+    import threading
+
+    import torch.distributed as dist
+
+    from imgclf.engine import Preempted, Trainer
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    stop = threading.Event()
+    t = Trainer(run, progress=False, stop_event=stop)
+    t.resume()
+    if rank == 0 and stop_after is not None:
+        step, calls = t._train_step, []
+
+        def counting_step(*args):
+            calls.append(1)
+            if len(calls) == stop_after:
+                stop.set()
+            return step(*args)
+
+        t._train_step = counting_step
+    try:
+        t.fit()
+        outcome = "finished"
+    except Preempted:
+        outcome = f"stopped at epoch {t.epoch} step {t.step_in_epoch}"
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out, f"rank{rank}"), "w") as f:
+        f.write(outcome)
+
+
+def _two_ranks(run, port, stop_after, out):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank, args=(str(run), port, stop_after, str(out)), nprocs=2, join=True)
+    return [(out / f"rank{r}").read_text() for r in range(2)]
+
+
+def test_a_stop_heard_by_rank0_alone_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
+    """Both ranks stop at the next agreement point (every STOP_CHECK_STEPS steps), rank 0 saves
+    the checkpoint, and resuming ends with the weights of an uninterrupted 2-rank run."""
+    from imgclf.engine.trainer import STOP_CHECK_STEPS
+
+    cfg = {**NO_BN, "train.dist.world_size": 2}
+    whole = make_run(tmp_path / "whole", **cfg)
+    assert _two_ranks(whole, 29531, None, tmp_path) == ["finished", "finished"]
+
+    cut = make_run(tmp_path / "cut", **cfg)
+    outcome = _two_ranks(cut, 29532, 3, tmp_path)  # asked during the 3rd step of epoch 1
+    assert outcome == [f"stopped at epoch 0 step {STOP_CHECK_STEPS}"] * 2
+    assert not (cut / "result.json").exists()
+    assert _two_ranks(cut, 29533, None, tmp_path) == ["finished", "finished"]
+    a, b = (torch.load(r / "model.pt", weights_only=True) for r in (whole, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (whole / "train_log.csv").read_text().count("\n") == (cut / "train_log.csv").read_text().count("\n")

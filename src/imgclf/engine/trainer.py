@@ -36,6 +36,10 @@ from .evaluator import evaluate
 from .precision import Precision
 
 log = logging.getLogger(__name__)
+# With several ranks only global rank 0 hears SLURM's warning signal (submitit checkpoints on
+# rank 0 alone), so the ranks agree on a stop every STOP_CHECK_STEPS steps with one tiny
+# all-reduce, and all stop at the same step.
+STOP_CHECK_STEPS = 10
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "epoch_seconds",
               "images_per_second"]
 
@@ -299,7 +303,7 @@ class Trainer:
         seen = 0
         t0 = time.perf_counter()
         for step, images, labels in self.loader.batches(self.epoch, start=self.step_in_epoch):
-            if self.stop_event.is_set():
+            if self._stop_requested(step):
                 self._flush_accum(loss_sum, correct, seen, t0)
                 self.save_checkpoint()
                 self.saved_event.set()
@@ -319,6 +323,15 @@ class Trainer:
                 self._check_finite(loss_sum, step)
         self._check_finite(loss_sum, len(self.loader) - 1)
         self._flush_accum(loss_sum, correct, seen, t0)
+
+    def _stop_requested(self, step: int) -> bool:
+        if self.world_size == 1:
+            return self.stop_event.is_set()
+        if step % STOP_CHECK_STEPS:
+            return False
+        flag = torch.tensor(float(self.stop_event.is_set()), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _flush_accum(self, loss_sum, correct, seen, t0) -> None:
         if self.world_size > 1:

@@ -68,11 +68,14 @@ class TrainJob:
         box: dict[str, Any] = {}
 
         def work():
+            is_main = False
             try:
                 t = trainer.Trainer(self.run_dir, progress=self.progress, stop_event=self._stop,
                                     saved_event=self._saved)
+                is_main = t.is_main
                 t.resume()
                 box["result"] = t.fit()
+                del t  # free the model, optimizer and resident data before the evaluation loads its own
             except BaseException as e:  # noqa: BLE001 - re-raised in the submitting thread
                 box["error"] = e
             finally:
@@ -81,7 +84,7 @@ class TrainJob:
 
                 if dist.is_initialized():
                     dist.destroy_process_group()
-            if self.evaluate and "result" in box and int(os.environ.get("RANK", "0")) == 0:
+            if self.evaluate and "result" in box and is_main:
                 try:
                     _evaluate(self.run_dir)
                 except BaseException as e:  # noqa: BLE001
@@ -194,7 +197,7 @@ def run(run_dir: str | Path, launcher: str = "debug", resources: Resources | Non
         from imgclf.engine import train
 
         result = train(run_dir, progress=progress)
-        if evaluate:
+        if evaluate and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone
             _evaluate(run_dir)
         return result
     return _wait(submit(run_dir, launcher, resources, job_name, evaluate=evaluate), f"{run_dir}: training")

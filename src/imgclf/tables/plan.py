@@ -88,15 +88,15 @@ class Plan:
             data = json.loads(cache.read_text())
             if data.get("key") == key:
                 return cls._from_json(data)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # missing, stale or unreadable: resolve again
+        except Exception:  # noqa: BLE001 - missing, stale or unreadable: resolve again
+            pass
         plan = cls.from_dir(tables_dir, recipes_dir, defaults)
         try:
             from imgclf.utils import atomic_write_text
 
             atomic_write_text(cache, json.dumps({"key": key, **plan._to_json()}))
-        except OSError:
-            pass  # a read-only checkout plans without the cache
+        except (OSError, TypeError, ValueError):
+            pass  # a read-only checkout, or a spec value JSON cannot hold: plan without the cache
         return plan
 
     def _to_json(self) -> dict[str, Any]:
@@ -158,7 +158,8 @@ def _cache_key(tables_dir: Path, recipes_dir: Path, defaults: dict[str, Any] | N
 
     h = hashlib.sha256(json.dumps([CACHE_FORMAT, imgclf.__version__, defaults or {}], sort_keys=True,
                                   default=str).encode())
-    files = [*tables_dir.glob("*.yaml"), *recipes_dir.rglob("*.yaml"), *Path(imgclf.__file__).parent.rglob("*.py")]
+    files = [*tables_dir.glob("*.yaml"), *(f for f in recipes_dir.rglob("*") if f.is_file()),
+             *Path(imgclf.__file__).parent.rglob("*.py")]
     for f in sorted(files):
         h.update(f"\0{f}\0".encode())
         h.update(f.read_bytes())
