@@ -1,5 +1,6 @@
 """The slurm launcher against a real SLURM cluster (.ci/run starts one with ../shared/slurm)."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,6 +112,27 @@ def test_preempted_job_requeues_and_resumes_exactly(tmp_path, reference):
     job._interrupt()  # SIGTERM + USR2, as SLURM preemption does
     assert job.results()[0]["epochs"] == LONG["scheduler.epochs"]
     assert_interrupted_and_identical(run, reference, "preempted")
+
+
+def test_two_rank_job_preempted_requeues_and_resumes_exactly(tmp_path):
+    """Only global rank 0 hears the signal (submitit checkpoints there); both ranks must stop at
+    one step, rank 0 saves, and the requeued job ends as an uninterrupted 2-rank job does."""
+    from imgclf.launch import Resources, submit
+
+    ddp = {**LONG, "train.dist.world_size": 2}
+    res = Resources(tasks=2, time_min=20, cpus_per_task=1, mem_gb=2, max_requeues=3)
+    ref_run = make_run(tmp_path / "reference", **ddp)
+    ref = submit(ref_run, "slurm", res, "ddp-reference")
+    run = make_run(tmp_path / "preempted", **ddp)
+    job = submit(run, "slurm", res, "ddp-preempt-test")
+    job._results_timeout_s = 5
+    wait_for(lambda: (run / "train_log.csv").exists(), 300, "the first epoch")
+    job._interrupt()  # SIGTERM + USR2, as SLURM preemption does
+    assert job.results()[0]["epochs"] == LONG["scheduler.epochs"]
+    assert ref.results()[0]["world_size"] == 2
+    assert_interrupted_and_identical(run, torch.load(ref_run / "model.pt", weights_only=True), "preempted")
+    rank0 = "".join(p.read_text() for p in (run / "submitit").glob("*_0_log.err"))
+    assert re.search(r"stopped at epoch \d+ step \d+; checkpoint saved", rank0)  # both ranks stopped cleanly
 
 
 def test_job_hitting_its_time_limit_requeues_and_finishes(tmp_path):

@@ -306,8 +306,11 @@ class Trainer:
             if self._stop_requested(step):
                 self._flush_accum(loss_sum, correct, seen, t0)
                 self.save_checkpoint()
+                message = f"{self.run_dir}: stopped at epoch {self.epoch + 1} step {step}; checkpoint saved"
+                if self.is_main:
+                    log.warning("%s", message)  # in the job's log: where the requeued job resumes
                 self.saved_event.set()
-                raise Preempted(f"{self.run_dir}: stopped at epoch {self.epoch + 1} step {step}; checkpoint saved")
+                raise Preempted(message)
             seed = derive_seed(cfg.train.seed, self.epoch, step)
             torch.manual_seed(seed)
             gen = torch.Generator(device=self.device).manual_seed(seed)

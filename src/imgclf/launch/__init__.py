@@ -76,6 +76,13 @@ class TrainJob:
                 t.resume()
                 box["result"] = t.fit()
                 del t  # free the model, optimizer and resident data before the evaluation loads its own
+            except trainer.Preempted as e:
+                # Rank 0 hands submitit the requeue; the other ranks end cleanly, so no stale
+                # error of theirs can be read as the requeued job's outcome.
+                if is_main:
+                    box["error"] = e
+                else:
+                    box["result"] = {"preempted": True}
             except BaseException as e:  # noqa: BLE001 - re-raised in the submitting thread
                 box["error"] = e
             finally:
