@@ -113,3 +113,32 @@ def test_checkpoint_of_another_config_is_refused(reference, tmp_path):
 
     with pytest.raises(C.ConfigError, match="different config"):
         runs.prepare(C.build(REPO / "config/recipes/digits/resnet_preact.yaml"), reference[0], resume=True)
+
+
+# What a GPU machine without a package index has: torch, torchvision, numpy, pyyaml (and scikit-learn
+# here, the digits' source). The workflow's and the tables' packages must stay lazy imports.
+_BLOCK_WORKFLOW_PACKAGES = """
+import sys
+BLOCKED = {"snakemake", "submitit", "pandas", "tabulate", "matplotlib", "tqdm"}
+class Hide:  # every finder finds nothing for BLOCKED, as when they are not installed
+    def __init__(self, finder):
+        self.finder = finder
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED or not hasattr(self.finder, "find_spec"):
+            return None
+        return self.finder.find_spec(name, path, target)
+sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
+from imgclf.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_imgclf_train_needs_only_torch_torchvision_numpy_and_pyyaml(tmp_path):
+    from conftest import DIGITS, TINY
+
+    overrides = [str(x) for k, v in {**TINY, "scheduler.epochs": 1}.items() for x in (k, v)]
+    out = subprocess.run([*imgclf_cmd()[:1], "-c", _BLOCK_WORKFLOW_PACKAGES, "train", "--config", str(DIGITS),
+                          "--output-dir", str(tmp_path / "run"), "--quiet", *overrides],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "run" / "result.json").is_file()
