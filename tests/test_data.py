@@ -11,6 +11,7 @@ import pickle
 import struct
 import tarfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +148,9 @@ def make_image_folder(root: Path, classes=("cat", "ant", "bee"), n=(3, 2), size=
             for i in range(count):
                 img = torch.randint(0, 256, (channels, size, size), dtype=torch.uint8, generator=g)
                 path = root / split / cls / f"{i:04d}.{fmt}"
-                (write_png if fmt == "png" else write_jpeg)(img, str(path))
+                with warnings.catch_warnings():  # torchvision 0.29 deprecates its encoders, per image
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    (write_png if fmt == "png" else write_jpeg)(img, str(path))
                 out.setdefault(split, {}).setdefault(cls, []).append(img)
     return out
 
