@@ -206,15 +206,20 @@ def trim() -> None:
         pass
 
 
-def available_memory() -> int | None:
-    """Bytes the kernel could give this process without swapping (MemAvailable), if known."""
+def proc_kib_field(path: str, name: str) -> int | None:
+    """Bytes of a ``Name:  N kB`` line of a /proc file (meminfo, self/status), if present."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(name + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel could give this process without swapping (MemAvailable), if known."""
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 class PeakMemory:
@@ -245,26 +250,16 @@ class PeakMemory:
         """Bytes in use now (CUDA: allocated; CPU: resident)."""
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
+        return proc_kib_field("/proc/self/status", "VmRSS") or 0
 
     def read(self) -> int:
         """Bytes."""
         if self.device.type == "cuda":
             sync(self.device)
             return torch.cuda.max_memory_allocated(self.device)
-        if self.exact:
-            try:
-                for line in Path("/proc/self/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-            except OSError:
-                pass
+        peak = proc_kib_field("/proc/self/status", "VmHWM") if self.exact else None
+        if peak is not None:
+            return peak
         self.exact = False
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
