@@ -357,6 +357,7 @@ MODEL_NAMES = ("densenet", "pyramidnet", "resnet", "resnet_preact", "resnext", "
 MIXERS = ("use_mixup", "use_cutmix", "use_ricap")
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset.name": DATASET_NAMES,
+    "model.init_mode": ("kaiming_fan_out", "kaiming_fan_in"),
     "train.precision": PRECISIONS + tuple(PRECISION_ALIASES),
     "train.optimizer": ("sgd", "adam", "amsgrad", "lars"),
     "scheduler.type": ("constant", "multistep", "linear", "cosine", "sgdr"),

@@ -6,18 +6,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def initialize_weights(model: nn.Module) -> None:
-    """He et al. initialization as the papers use: Kaiming normal (fan_out) convs,
-    BN weight 1 / bias 0, zero biases."""
+INIT_MODES = ("kaiming_fan_out", "kaiming_fan_in")
+
+
+def initialize_weights(model: nn.Module, init_mode: str = "kaiming_fan_out") -> None:
+    """The reference's initializer (``model.init_mode``): He et al. normal init with the given
+    fan for every conv AND fully connected weight, BN weight 1 / bias 0, zero linear biases.
+    Conv biases (VGG's) keep PyTorch's default, as the reference leaves them."""
+    if init_mode not in INIT_MODES:
+        raise ValueError(f"model.init_mode: '{init_mode}' is not one of {', '.join(INIT_MODES)}")
+    mode = init_mode[len("kaiming_"):]
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
+            if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
 
 

@@ -3,7 +3,7 @@
 CIFAR layout (paper Sec. 3-4): a 3x3 stem, three dense blocks joined by
 transition layers (BN-ReLU-1x1 conv-2x2 avg pool), then BN-ReLU-global pool-linear.
 - basic: each layer is BN-ReLU-3x3 conv producing k (growth_rate) maps;
-  depth = 3n + 4; the stem has 16 maps.
+  depth = 3n + 4; the stem has 2k maps as in the reference code (the paper: 16).
 - bottleneck (DenseNet-B/BC): BN-ReLU-1x1 conv (4k)-BN-ReLU-3x3 conv (k);
   depth = 6n + 4; the stem has 2k maps.
 Transitions keep floor(compression_rate * m) of their m input maps (theta in the
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import initialize_weights, global_pool
+from .common import global_pool
 from .registry import register
 
 
@@ -84,7 +84,8 @@ class DenseNet(nn.Module):
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"model.densenet.drop_rate: must be in [0, 1), got {drop_rate}")
         layer = {"basic": BasicLayer, "bottleneck": BottleneckLayer}[block_type]
-        ch = 2 * growth_rate if block_type == "bottleneck" else 16
+        # 2k stem maps for both block types, as the reference code (the paper gives plain DenseNet 16).
+        ch = 2 * growth_rate
         self.conv = nn.Conv2d(in_channels, ch, 3, padding=1, bias=False)
         features: list[nn.Module] = []
         for b in range(3):
@@ -98,7 +99,6 @@ class DenseNet(nn.Module):
         self.features = nn.Sequential(*features)
         self.bn = nn.BatchNorm2d(ch)
         self.fc = nn.Linear(ch, n_classes)
-        initialize_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(self.features(self.conv(x))))

@@ -1,6 +1,7 @@
 """Deep Pyramidal Residual Networks (Han et al., 1610.02915).
 
-Additive widening (paper Eq. 2): unit k of N = 3n has floor(16 + k * alpha / N)
+Additive widening (paper Eq. 2): unit k of N = 3n has round(16 + k * alpha / N) (the reference
+code rounds, the paper floors)
 residual-branch channels (4x that at a bottleneck unit's output), so the width
 grows by alpha / N per unit instead of doubling per stage.
 Units (paper Fig. 6(d)): no ReLU at the start, BN at the end of the branch;
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import blocks_per_stage, initialize_weights, global_pool
+from .common import blocks_per_stage, global_pool
 from .registry import register
 
 
@@ -85,14 +86,14 @@ class PyramidNet(nn.Module):
         n_units = 3 * n
         units, in_ch = [], initial_channels
         for k in range(1, n_units + 1):
-            width = int(initial_channels + k * alpha / n_units)
+            # Rounded to nearest as the reference code (the paper's Eq. 2 floors).
+            width = round(initial_channels + k * alpha / n_units)
             stride = 2 if k in (n + 1, 2 * n + 1) else 1
             units.append(unit(in_ch, width, stride))
             in_ch = width * unit.expansion
         self.units = nn.Sequential(*units)
         self.bn_out = nn.BatchNorm2d(in_ch)
         self.fc = nn.Linear(in_ch, n_classes)
-        initialize_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.units(self.bn(self.conv(x)))

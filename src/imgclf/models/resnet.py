@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import blocks_per_stage, initialize_weights, global_pool
+from .common import blocks_per_stage, global_pool
 from .registry import register
 
 
@@ -70,7 +70,9 @@ class ResNet(nn.Module):
         self.bn = nn.BatchNorm2d(initial_channels)
         stages, in_ch = [], initial_channels
         for i in range(3):
-            width = initial_channels * block.expansion * 2**i
+            # As the reference code: stage 1 keeps initial_channels outputs (16 -> 4 -> 16
+            # bottlenecks; the paper's are 4x wider), later stages 2**i * 4 for bottlenecks.
+            width = initial_channels * (block.expansion * 2**i if i else 1)
             units = []
             for j in range(n):
                 units.append(block(in_ch, width, stride=2 if (i > 0 and j == 0) else 1))
@@ -78,7 +80,6 @@ class ResNet(nn.Module):
             stages.append(nn.Sequential(*units))
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(in_ch, n_classes)
-        initialize_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(F.relu(self.bn(self.conv(x))))

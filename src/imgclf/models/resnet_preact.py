@@ -2,7 +2,8 @@
 
 Options from the reference README: ``preact_stage`` (whether the first unit of a
 stage shares its BN-ReLU with the projection shortcut), ``remove_first_relu``
-and ``add_last_bn`` (PyramidNet-style units, 1610.02915).
+and ``add_last_bn`` (PyramidNet-style units, 1610.02915). Widths follow the reference
+code: 16 / 32e / 64e for expansion e (1 basic, 4 bottleneck).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import blocks_per_stage, initialize_weights, global_pool
+from .common import blocks_per_stage, global_pool
 from .registry import register
 
 
@@ -26,16 +27,15 @@ class _PreActUnit(nn.Module):
             nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False) if stride != 1 or in_ch != out_ch else None
         )
 
-    def _activate(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn1(x)
-        return x if self.remove_first_relu else F.relu(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.preact:
-            x = self._activate(x)
+            # A unit whose shortcut shares the pre-activation keeps its ReLU even with
+            # remove_first_relu, as the reference code does (its residual_units rows ran so).
+            x = F.relu(self.bn1(x))
             y = self.residual(x)
         else:
-            y = self.residual(self._activate(x))
+            y = self.bn1(x)
+            y = self.residual(y if self.remove_first_relu else F.relu(y))
         if self.last_bn is not None:
             y = self.last_bn(y)
         return y + (x if self.shortcut is None else self.shortcut(x))
@@ -82,7 +82,9 @@ class ResNetPreAct(nn.Module):
         expansion = {"basic": 1, "bottleneck": 4}[block_type]
         if len(preact_stage) != 3:
             raise ValueError(f"model.resnet_preact.preact_stage: expected 3 booleans, got {preact_stage}")
-        widths = [initial_channels * expansion * 2**i for i in range(3)]
+        # As the reference code: stage 1 keeps initial_channels outputs, so a bottleneck unit
+        # there is 16 -> 4 -> 16 (the paper's stage 1 outputs 4x that, 64 for ResNet-164).
+        widths = [initial_channels] + [initial_channels * expansion * 2**i for i in (1, 2)]
         self.conv = nn.Conv2d(in_channels, initial_channels, 3, padding=1, bias=False)
         stages, in_ch = [], initial_channels
         for i, width in enumerate(widths):
@@ -96,7 +98,6 @@ class ResNetPreAct(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.bn = nn.BatchNorm2d(in_ch)
         self.fc = nn.Linear(in_ch, n_classes)
-        initialize_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.conv(x))

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import blocks_per_stage, initialize_weights, global_pool
+from .common import blocks_per_stage, global_pool
 from .registry import register
 
 
@@ -63,7 +63,6 @@ class ResNeXt(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(in_ch, n_classes)
-        initialize_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(F.relu(self.bn(self.conv(x))))

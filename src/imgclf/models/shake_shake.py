@@ -4,7 +4,8 @@ Each block sums two residual branches (ReLU-conv3x3-BN-ReLU-conv3x3-BN) with a
 random convex combination: alpha * b1 + (1 - alpha) * b2 in the forward pass,
 while the backward pass weighs the gradients by an independent beta. The switches
 follow the paper's names: forward "Shake" (alpha ~ U(0,1)) or "Even" (0.5);
-backward "Shake" (fresh beta ~ U(0,1)), or "Keep" (beta = alpha); level "Image"
+backward "Shake" (fresh beta ~ U(0,1)) or "Even" (0.5; the reference code has no
+"Keep", beta = alpha, so shake_backward false is Even); level "Image"
 (one coefficient per image) or "Batch". S-S-I = shake_forward, shake_backward,
 shake_image. At test time both branches get the expectation, 0.5.
 Widths: a 16-map stem, then stages of k/2k/4k maps ("2 x kd"), depth = 6n + 2.
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import blocks_per_stage, initialize_weights, global_pool
+from .common import blocks_per_stage, global_pool
 from .registry import register
 
 
@@ -47,7 +48,7 @@ def shake_coefficients(batch: int, shake_forward: bool, shake_backward: bool, sh
     """(alpha, beta) broadcastable to (N, C, H, W) for training."""
     shape = (batch, 1, 1, 1) if shake_image else (1, 1, 1, 1)
     alpha = torch.rand(shape, device=device) if shake_forward else torch.full(shape, 0.5, device=device)
-    beta = torch.rand(shape, device=device) if shake_backward else alpha
+    beta = torch.rand(shape, device=device) if shake_backward else torch.full(shape, 0.5, device=device)
     return alpha, beta
 
 
@@ -125,7 +126,6 @@ class ShakeShake(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(in_ch, n_classes)
-        initialize_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.stages(self.bn(self.conv(x))))

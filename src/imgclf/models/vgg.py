@@ -9,15 +9,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import initialize_weights
 from .registry import register
 
 
 def _stage(in_ch: int, out_ch: int, n_layers: int, use_bn: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(n_layers):
-        # A bias before BN is cancelled by BN's mean subtraction.
-        layers.append(nn.Conv2d(in_ch if i == 0 else out_ch, out_ch, 3, padding=1, bias=not use_bn))
+        # A bias even before BN (which cancels it), as the reference code: same parameter count.
+        layers.append(nn.Conv2d(in_ch if i == 0 else out_ch, out_ch, 3, padding=1))
         if use_bn:
             layers.append(nn.BatchNorm2d(out_ch))
         layers.append(nn.ReLU(inplace=True))
@@ -41,7 +40,6 @@ class VGG(nn.Module):
             in_ch = width
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(in_ch, n_classes)
-        initialize_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # On 32x32 inputs five stages leave 1x1 maps, so pooling equals the reference's flatten.

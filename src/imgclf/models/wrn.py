@@ -3,8 +3,8 @@
 WRN-d-k: three groups of pre-activation basic blocks B(3,3) with 16k/32k/64k
 channels, n = (d - 4) / 6 blocks per group (the 4 counts the stem, the two
 projection shortcuts' 1x1 convs and the classifier), dropout between the two
-convs of a block. Kaiming fan_out init as the authors' code (the reference
-README's config asked for fan_in).
+convs of a block. The recipe initializes with kaiming_fan_in, as the reference's
+config did (the authors' code uses fan_out).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import initialize_weights, global_pool
+from .common import global_pool
 from .registry import register
 
 
@@ -31,10 +31,10 @@ class WideBasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = F.relu(self.bn1(x))
         y = self.conv1(a)
-        y = F.relu(self.bn2(y))
         if self.drop_rate > 0:
+            # Before bn2, as the reference code (the authors' code drops after the ReLU).
             y = F.dropout(y, p=self.drop_rate, training=self.training)
-        y = self.conv2(y)
+        y = self.conv2(F.relu(self.bn2(y)))
         # The projection shares the block's BN-ReLU, as in the authors' code.
         return y + (x if self.shortcut is None else self.shortcut(a))
 
@@ -62,7 +62,6 @@ class WideResNet(nn.Module):
         self.groups = nn.Sequential(*groups)
         self.bn = nn.BatchNorm2d(in_ch)
         self.fc = nn.Linear(in_ch, n_classes)
-        initialize_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(self.groups(self.conv(x))))
