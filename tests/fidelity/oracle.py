@@ -48,3 +48,115 @@ def reference_config(ref, recipe: str, options: dict | None = None):
     cfg = ref.update_config(cfg)
     cfg.freeze()
     return cfg
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+# The reference's geometry of each dataset (its update_config); imgclf's own 'digits' (1 x 8 x 8)
+# has no reference counterpart, so its model configs are compared on MNIST's geometry.
+REFERENCE_DATASET = {"digits": "MNIST"}
+
+
+def table_model_configs() -> list[dict]:
+    """Every distinct model configuration the tables train, from imgclf's own plan: one entry per
+    (reference dataset, model name, its options, init_mode), with the rows that use it."""
+    import json
+
+    from imgclf.tables.plan import Plan
+
+    plan = Plan.from_dir(REPO / "config" / "tables", REPO / "config" / "recipes")
+    seen: dict[tuple, dict] = {}
+    for run in plan.runs.values():
+        c = run.config
+        name = c["model"]["name"]
+        dataset = REFERENCE_DATASET.get(c["dataset"]["name"], c["dataset"]["name"])
+        if dataset in ("MNIST", "FashionMNIST", "KMNIST"):
+            dataset = "MNIST"  # same geometry (1 x 28 x 28, 10 classes): one model
+        key = (dataset, name, json.dumps(c["model"][name], sort_keys=True), c["model"]["init_mode"])
+        entry = seen.setdefault(key, {"dataset": dataset, "name": name, "options": dict(c["model"][name]),
+                                      "init_mode": c["model"]["init_mode"], "rows": []})
+        entry["rows"] += run.rows
+    return sorted(seen.values(), key=lambda e: (e["name"], e["dataset"], json.dumps(e["options"], sort_keys=True),
+                                                e["init_mode"]))
+
+
+def model_config_id(entry: dict) -> str:
+    opts = ",".join(f"{k}={v}" for k, v in sorted(entry["options"].items()) if k != "n_blocks")
+    return f"{entry['name']}[{entry['dataset']},{entry['init_mode']}]({opts})".replace(" ", "")
+
+
+def reference_model(ref, entry: dict):
+    """The reference's Network for an entry of :func:`table_model_configs`, built as its
+    train.py does (recipe configs/cifar/<name>.yaml, then the options)."""
+    import torch
+
+    default = ref.get_default_config().model[entry["name"]]
+    options = {"dataset.name": entry["dataset"], "model.init_mode": entry["init_mode"]}
+    for key, value in entry["options"].items():
+        if key in default:
+            old = default[key]
+            value = type(old)(value) if isinstance(old, (int, float, bool)) and not isinstance(value, list) else value
+            options[f"model.{entry['name']}.{key}"] = value
+    cfg = reference_config(ref, f"cifar/{entry['name']}.yaml", options)
+    from pytorch_image_classification.models import create_model
+
+    model = create_model(cfg)
+    geometry = (cfg.dataset.n_channels, cfg.dataset.image_size, cfg.dataset.n_classes)
+    return model.to(torch.device("cpu")), geometry
+
+
+def our_model(entry: dict, geometry: tuple[int, int, int]):
+    from imgclf import models
+
+    channels, _, n_classes = geometry
+    return models.create(entry["name"], in_channels=channels, n_classes=n_classes, init_mode=entry["init_mode"],
+                         **entry["options"])
+
+
+LEAVES = ("Conv2d", "Linear", "BatchNorm2d")
+
+
+def execution_order(model, x) -> list[str]:
+    """Names of the weight-holding layers (conv, linear, BN) in the order one eval forward
+    pass calls them."""
+    import torch
+
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda m, i, o, n=name: order.append(n))
+               for name, m in model.named_modules() if type(m).__name__ in LEAVES]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return order
+
+
+def layer_mapping(ours, theirs, x) -> dict[str, str]:
+    """Our layer name -> the reference's, pairing the layers in call order and checking that
+    paired layers are of the same kind with the same tensor shapes (the state-dict mapper)."""
+    a, b = execution_order(ours, x), execution_order(theirs, x)
+    assert len(a) == len(b), f"{len(a)} layers called in ours, {len(b)} in the reference"
+    mods_a, mods_b = dict(ours.named_modules()), dict(theirs.named_modules())
+    for na, nb in zip(a, b):
+        ma, mb = mods_a[na], mods_b[nb]
+        assert type(ma) is type(mb), f"{na} ({type(ma).__name__}) vs reference {nb} ({type(mb).__name__})"
+        sa = {k: tuple(v.shape) for k, v in ma.state_dict().items()}
+        sb = {k: tuple(v.shape) for k, v in mb.state_dict().items()}
+        assert sa == sb, f"{na} {sa} vs reference {nb} {sb}"
+        if type(ma).__name__ == "Conv2d":
+            for attr in ("stride", "padding", "groups", "dilation"):
+                assert getattr(ma, attr) == getattr(mb, attr), f"{na}.{attr} vs reference {nb}"
+    assert len(set(a)) == len(a) == len(set(b)), "a layer is called twice"
+    return dict(zip(a, b))
+
+
+def copy_reference_weights(ours, theirs, mapping: dict[str, str]) -> None:
+    """Load the reference's parameters and buffers (BN running statistics included) into ours."""
+    mods_a, mods_b = dict(ours.named_modules()), dict(theirs.named_modules())
+    for na, nb in mapping.items():
+        mods_a[na].load_state_dict(mods_b[nb].state_dict())
