@@ -82,7 +82,7 @@ def _preflight_data(cfg: C.Config, d) -> None:
     if cfg.dataset.n_classes and cfg.dataset.n_classes < d.n_classes:
         raise C.ConfigError(f"dataset.n_classes: {cfg.dataset.n_classes} is fewer than the {d.n_classes} "
                             f"classes of {d.name} (0 = the dataset's own)")
-    TrainTransform(cfg.augmentation, d.mean, d.std, d.n_classes, d.image_size, torch.device("cpu"))
+    TrainTransform(cfg.augmentation, *d.normalization, d.n_classes, d.image_size, torch.device("cpu"))
 
 
 def cmd_evaluate(args) -> int:

@@ -78,7 +78,7 @@ def evaluate_run(run_dir) -> dict:
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.float()
     images, labels = data.test_images.to(device), data.test_labels.to(device)
-    out = evaluate(model, images, labels, EvalTransform(data.mean, data.std, device),
+    out = evaluate(model, images, labels, EvalTransform(*data.normalization, device),
                    batch_size=cfg.validation.batch_size, precision=prec)
     result = read_json(run_dir / "result.json")
     out.update({"train_seconds": result.get("train_seconds"), "wall_seconds": result.get("wall_seconds"),

@@ -171,9 +171,9 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, model)
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.loader))
         self.scaler = self.precision.make_scaler()
-        self.train_transform = TrainTransform(cfg.augmentation, data.mean, data.std, self.n_classes,
+        self.train_transform = TrainTransform(cfg.augmentation, *data.normalization, self.n_classes,
                                               data.image_size, self.device)
-        self.eval_transform = EvalTransform(data.mean, data.std, self.device)
+        self.eval_transform = EvalTransform(*data.normalization, self.device)
         self.test_images = data.test_images.to(self.device)
         self.test_labels = data.test_labels.to(self.device)
 
