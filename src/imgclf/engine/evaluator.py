@@ -72,11 +72,7 @@ def evaluate_run(run_dir) -> dict:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{run_dir / 'model.pt'}: cannot load the final weights ({msg}); re-run the seed") from None
     prec = Precision(precision_name(cfg), device)
-    model = model.to(device, dtype=prec.model_dtype)
-    if prec.name == "fp16":
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.float()
+    model = prec.cast_model(model.to(device))
     images, labels = data.test_images.to(device), data.test_labels.to(device)
     out = evaluate(model, images, labels, EvalTransform(*data.normalization, device),
                    batch_size=cfg.validation.batch_size, precision=prec)

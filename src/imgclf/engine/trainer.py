@@ -135,14 +135,9 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.channels_last = (cfg.train.channels_last and self.device.type in ("cpu", "cuda")
                               and not (self.device.type == "cpu" and _onednn_cl_hazard(model)))
-        model = model.to(self.device, dtype=self.precision.model_dtype)
+        model = self.precision.cast_model(model.to(self.device))
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if self.precision.name == "fp16":
-            # BN in fp32 keeps running statistics meaningful (as apex O3 with keep_batchnorm_fp32).
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.float()
         self.model = model
         self.ddp_model: nn.Module = model
         if self.world_size > 1:
