@@ -165,7 +165,7 @@ def pipeline_section(device: torch.device, s: Settings, data, step: dict) -> dic
     cfg = step["cfg"]
     loader = DeviceLoader(data.train_images, data.train_labels, s.batch, shuffle=True, drop_last=True,
                           device=device)
-    transform = TrainTransform(cfg.augmentation, data.mean, data.std, 10, 32, device)
+    transform = TrainTransform(cfg.augmentation, *data.normalization, 10, 32, device)
     batches = loader.batches(0)
     _, images, labels = next(batches)
     g = torch.Generator(device=device).manual_seed(0)
