@@ -102,3 +102,30 @@ def test_shake_shake_training_mode_agrees(ref, entry):
         if isinstance(mods_a[na], torch.nn.BatchNorm2d):
             torch.testing.assert_close(mods_a[na].running_mean, mods_b[nb].running_mean, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(mods_a[na].running_var, mods_b[nb].running_var, rtol=1e-5, atol=1e-6)
+
+
+# No table row trains with dropout, but the recipes offer it (WRN "w/ dropout"): where the
+# reference draws its masks, ours must too (same seed, same masks, same training-mode output).
+DROPOUT = [
+    {"dataset": "CIFAR10", "name": "wrn", "init_mode": "kaiming_fan_in", "rows": [],
+     "options": {"depth": 16, "widening_factor": 2, "initial_channels": 16, "drop_rate": 0.3}},
+    {"dataset": "CIFAR10", "name": "densenet", "init_mode": "kaiming_fan_out", "rows": [],
+     "options": {"depth": 40, "block_type": "bottleneck", "growth_rate": 12, "drop_rate": 0.2,
+                 "compression_rate": 0.5}},
+]
+
+
+@pytest.mark.parametrize("entry", DROPOUT, ids=[model_config_id(e) for e in DROPOUT])
+def test_dropout_training_mode_agrees(ref, entry):
+    ours, theirs, x = _pair(ref, entry)
+    copy_reference_weights(ours, theirs, layer_mapping(ours, theirs, x))
+    outs = []
+    for model in (theirs, ours):
+        torch.manual_seed(4)
+        with torch.no_grad():
+            outs.append(model.train()(x.clone()))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        other = ours(x.clone())
+    assert (outs[1] - outs[0]).abs().max() <= 1e-5 * max(1.0, outs[0].abs().max().item())
+    assert (other - outs[0]).abs().max() > 1e-3  # the masks matter: another seed, another output
