@@ -35,7 +35,7 @@ def cfg_with(**overrides):
 
 # --------------------------------------------------------------------------- LARS
 def test_lars_two_steps_match_hand_computation():
-    lin = nn.Linear(2, 2)  # two parameter tensors: weight (decayed), bias (not)
+    lin = nn.Linear(2, 2)  # two parameter tensors, both decayed (no_weight_decay_on_bn spares BN only)
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))  # ||w|| = 5
         lin.bias.copy_(torch.tensor([0.003, -0.004]))  # ||b|| = 0.005 < threshold 0.01
@@ -54,22 +54,22 @@ def test_lars_two_steps_match_hand_computation():
     local_w = 5.0 / (0.5 + wd * 5.0 + eps)
     v_w = local_w * (gw + wd * w0)
     w1 = w0 - lr * v_w
-    # bias: norm under the threshold -> local lr 1; its group has no decay
-    v_b = gb.clone()
+    # bias: norm under the threshold -> local lr 1; decayed like the weight
+    v_b = gb + wd * b0
     b1 = b0 - lr * v_b
     torch.testing.assert_close(lin.weight.detach(), w1)
     torch.testing.assert_close(lin.bias.detach(), b1)
     torch.testing.assert_close(lin.weight.detach(), torch.tensor([[2.94, -0.04], [0.0, 3.96]]))
     torch.testing.assert_close(lin.weight.grad, gw)  # the gradient itself is left untouched
 
-    # second step: heavy-ball momentum on the locally scaled gradient, lr outside the buffer
+    # second step: heavy-ball momentum on the locally scaled gradient (constant lr: lr in or out of the buffer agree)
     gw2, gb2 = torch.tensor([[0.0, 0.0], [0.6, 0.8]]), torch.tensor([-0.2, 0.05])
     lin.weight.grad, lin.bias.grad = gw2.clone(), gb2.clone()
     opt.step()
     local_w2 = w1.norm() / (gw2.norm() + wd * w1.norm() + eps)
     w2 = w1 - lr * (m * v_w + local_w2 * (gw2 + wd * w1))
-    assert b1.norm() < 0.01  # b = [0.001, -0.006]: still under the threshold
-    b2 = b1 - lr * (m * v_b + gb2)
+    assert b1.norm() < 0.01  # still under the threshold
+    b2 = b1 - lr * (m * v_b + gb2 + wd * b1)
     torch.testing.assert_close(lin.weight.detach(), w2)
     torch.testing.assert_close(lin.bias.detach(), b2)
 
@@ -110,16 +110,18 @@ class ConvBNLinear(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_no_weight_decay_on_bn_decays_exactly_conv_and_linear_weights():
+def test_no_weight_decay_on_bn_spares_exactly_the_bn_parameters():
+    # as the reference's train.py that produced the README's table: every name without 'bn' decays
     model = ConvBNLinear()
-    assert decayed_parameter_names(model, no_weight_decay_on_bn=True) == ["conv1.weight", "conv2.weight", "fc.weight"]
+    assert decayed_parameter_names(model, no_weight_decay_on_bn=True) == [
+        "conv1.weight", "conv1.bias", "conv2.weight", "fc.weight", "fc.bias"]
     assert decayed_parameter_names(model, no_weight_decay_on_bn=False) == [n for n, _ in model.named_parameters()]
 
     groups = param_groups(model, 5e-4, no_weight_decay_on_bn=True)
     assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
     names = {id(p): n for n, p in model.named_parameters()}
     assert sorted(names[id(p)] for p in groups[1]["params"]) == [
-        "bn1.bias", "bn1.weight", "bn2.bias", "bn2.weight", "conv1.bias", "fc.bias"]
+        "bn1.bias", "bn1.weight", "bn2.bias", "bn2.weight"]
     off = param_groups(model, 5e-4, no_weight_decay_on_bn=False)
     assert len(off) == 1 and off[0]["weight_decay"] == 5e-4 and len(off[0]["params"]) == 9
 
@@ -129,7 +131,7 @@ def test_param_groups_skip_frozen_and_shared_parameters():
     model.conv2.weight.requires_grad_(False)
     model.extra = nn.Linear(4, 10)
     model.extra.weight = model.fc.weight  # tied: listed once, under its first owner
-    assert decayed_parameter_names(model) == ["conv1.weight", "fc.weight"]
+    assert decayed_parameter_names(model) == ["conv1.weight", "conv1.bias", "fc.weight", "fc.bias", "extra.bias"]
     assert sum(len(g["params"]) for g in param_groups(model, 1e-4, True)) == 9 - 1 + 1  # - frozen + extra.bias
 
 
@@ -206,19 +208,20 @@ def test_constant():
     assert set(curve(cfg_with(scheduler__type="constant", scheduler__epochs=4))) == {1.0}
 
 
-def test_multistep_decays_at_milestones():
+def test_multistep_decays_on_the_step_after_each_milestone():
+    # the reference's boundary convention (bisect_left): the milestone's own step keeps the old lr
     cfg = cfg_with(scheduler__type="multistep", scheduler__epochs=10, scheduler__milestones=[4, 7],
                    scheduler__lr_decay=0.1)
     f = curve(cfg)
-    assert f[4 * SPE - 1] == 1.0 and f[4 * SPE] == pytest.approx(0.1)
-    assert f[7 * SPE - 1] == pytest.approx(0.1) and f[7 * SPE] == pytest.approx(0.01)
+    assert f[4 * SPE] == 1.0 and f[4 * SPE + 1] == pytest.approx(0.1)
+    assert f[7 * SPE] == pytest.approx(0.1) and f[7 * SPE + 1] == pytest.approx(0.01)
     assert f[-1] == pytest.approx(0.01)
 
 
-def test_linear_reaches_zero_at_the_end():
-    f = curve(cfg_with(scheduler__type="linear", scheduler__epochs=4))
-    assert f[0] == 1.0 and f[2 * SPE] == pytest.approx(0.5) and f[-1] == 0.0
-    assert f[-2] == pytest.approx(1 / (4 * SPE))
+def test_linear_ends_at_min_factor():
+    f = curve(cfg_with(scheduler__type="linear", scheduler__epochs=4, scheduler__lr_min_factor=0.01))
+    assert f[0] == 1.0 and f[2 * SPE] == pytest.approx((1 + 0.01) / 2) and f[-1] == pytest.approx(0.01)
+    assert f[-2] == pytest.approx(0.01 + 0.99 / (4 * SPE))
 
 
 def test_cosine_ends_at_min_factor():
@@ -241,10 +244,12 @@ def test_sgdr_restarts(t_mul, restarts, cycles):
     starts = [0] + restarts
     for start, length in zip(starts, cycles):
         s0, n = start * SPE, length * SPE
-        assert f[s0] == 1.0  # every cycle restarts at the base lr
+        # every cycle restarts at the base lr on the step after the previous one ends at eta_min
+        assert f[s0 + (start > 0)] == (1.0 if start == 0 else pytest.approx(
+            m + (1 - m) * 0.5 * (1 + math.cos(math.pi / n))))
         assert f[s0 + n // 2] == pytest.approx((1 + m) / 2)  # cycle midpoint
-        assert f[s0 + n - 1] == pytest.approx(m + (1 - m) * 0.5 * (1 + math.cos(math.pi * (n - 1) / n)))
-    assert [s // SPE for s in range(1, len(f)) if f[s] > f[s - 1]] == restarts
+        assert f[s0 + n] == pytest.approx(m)
+    assert [(s - 1) // SPE for s in range(1, len(f)) if f[s] > f[s - 1]] == restarts
     assert f[-1] == pytest.approx(m)  # the restart due exactly at the end is not taken
 
 
@@ -266,11 +271,12 @@ def test_exponential_warmup_and_milestones_counted_from_warmup_end():
                    scheduler__lr_decay=0.5, scheduler__warmup__type="exponential",
                    scheduler__warmup__epochs=2, scheduler__warmup__exponent=4.0)
     f = curve(cfg)
-    assert f[0] == 0.0
-    assert f[SPE] == pytest.approx(1 - math.exp(-2.0))
-    assert f[2 * SPE - 1] == pytest.approx(1 - math.exp(-4.0 * (2 * SPE - 1) / (2 * SPE)))
+    sf = cfg.scheduler.warmup.start_factor
+    assert f[0] == sf
+    assert f[SPE] == pytest.approx(sf + (1 - sf) * 0.5 ** 4)
+    assert f[2 * SPE - 1] == pytest.approx(sf + (1 - sf) * ((2 * SPE - 1) / (2 * SPE)) ** 4)
     assert f[2 * SPE] == 1.0
-    assert f[5 * SPE - 1] == 1.0 and f[5 * SPE] == 0.5  # milestone 3 = epoch 2 + 3
+    assert f[5 * SPE] == 1.0 and f[5 * SPE + 1] == 0.5  # milestone 3 = epoch 2 + 3
 
 
 def test_invalid_schedules_raise():

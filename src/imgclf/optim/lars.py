@@ -8,8 +8,8 @@ the reference README does; base_lr absorbs it, hence 0.02 at batch 4096 there):
 
 and the update is momentum SGD on the decayed gradient scaled by it:
 
-    v <- momentum * v + local_lr * (g + wd * w)
-    w <- w - lr * v
+    v <- momentum * v + lr * local_lr * (g + wd * w)
+    w <- w - v
 
 Conventions chosen here (each differs from some published variant, hence the notes):
 
@@ -22,11 +22,12 @@ Conventions chosen here (each differs from some published variant, hence the not
   A gradient that is exactly zero also gets ``local_lr = 1``; otherwise the
   ratio becomes ``1 / wd`` and a tensor the loss does not use would shrink by a
   factor ``(1 - lr)`` per step instead of ``(1 - lr * wd)``.
-* The global ``lr`` multiplies the momentum buffer, not its input, as in
-  ``torch.optim.SGD``: a schedule's lr change takes effect at once, which is
-  the "momentum correction" of Goyal et al. (arXiv:1706.02677, sec. 2.1) built
-  in, and switching ``train.optimizer`` between sgd and lars changes only the
-  trust ratio. The local lr must sit inside the buffer since it changes every step.
+  (The reference does not guard this case; no table row trains a tensor the loss ignores.)
+* The global ``lr`` sits inside the momentum buffer with the local lr, as in
+  the reference implementation whose LARS rows the tables reproduce (and the
+  paper's Algorithm 1). ``torch.optim.SGD`` multiplies the buffer instead; the
+  two agree while the lr is constant and differ by the lr's change over the
+  buffer's memory (~10 steps) when a schedule moves it.
 * Heavy-ball momentum only (the paper's Algorithm 1); ``train.nesterov`` is an
   SGD option.
 
@@ -99,10 +100,10 @@ class LARS(torch.optim.Optimizer):
         # Decay is added to the gradient before momentum (L2, as in the paper),
         # into a new list: p.grad is left as the engine computed it.
         d_p = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else grads
-        d_p = torch._foreach_mul(d_p, list(local_lr.unbind(0)))
+        d_p = torch._foreach_mul(d_p, list((lr * local_lr).unbind(0)))
 
         if momentum == 0:
-            torch._foreach_add_(params, d_p, alpha=-lr)
+            torch._foreach_sub_(params, d_p)
             return
         bufs = []
         for p in params:
@@ -113,4 +114,4 @@ class LARS(torch.optim.Optimizer):
             bufs.append(state["momentum_buffer"])
         torch._foreach_mul_(bufs, momentum)
         torch._foreach_add_(bufs, d_p)
-        torch._foreach_add_(params, bufs, alpha=-lr)
+        torch._foreach_sub_(params, bufs)

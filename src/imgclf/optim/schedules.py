@@ -14,29 +14,40 @@ warmup ends (with 5 warmup epochs, milestones [80, 120] decay at epochs 85 and
 125), and linear and cosine reach their end value at ``scheduler.epochs``.
 Without warmup the two clocks coincide.
 
+Each piece below is the reference implementation's (its ``scheduler/`` package), so
+every table row's learning rate equals the reference's at every step
+(``tests/fidelity/test_schedules.py``). Like the reference, a boundary between two
+pieces (warmup end, a milestone, an SGDR restart) takes effect on the step AFTER
+it: the step at a boundary still belongs to the piece that ends there (the
+reference finds the piece with ``bisect_left`` on the boundaries). So a multistep
+milestone at epoch m first lowers the lr at step ``m * steps_per_epoch + 1``.
+
 Warmup (Goyal et al., arXiv:1706.02677, sec. 2.2), ``t`` = step, ``W`` = warmup steps:
 
 * linear:       ``start_factor + (1 - start_factor) * t / W``, reaching 1 at ``W``
-* exponential:  ``1 - exp(-exponent * t / W)`` (the reference offers this shape; its README
-  gives no formula, so this follows the brief); it starts
-  at 0 and is a factor on the base lr like every other term here (the base lr is
-  applied once, by the scheduler). It ends at ``1 - exp(-exponent)`` (0.98 for
-  the default 4) and steps to the main schedule's 1 at ``W``.
+* exponential:  ``start_factor + (1 - start_factor) * (t / W) ** exponent``, reaching 1 at ``W``.
+  The reference multiplies this by ``base_lr`` once more (its warmup piece is
+  built with ``base_lr`` inside a ``LambdaLR`` that applies it again), so its lr
+  during the warmup is ``base_lr**2 * (...)`` and jumps to ``base_lr`` at ``W``; a
+  bug, not reproduced. No table row uses an exponential warmup.
 
-Main schedules, ``tau`` = steps since the warmup ended, ``L`` = main-schedule steps:
+Main schedules, ``tau`` = steps since the warmup ended, ``L`` = main-schedule steps,
+``m`` = ``lr_min_factor``:
 
 * constant:  1
-* multistep: ``lr_decay ** (number of milestones reached)``, a milestone is reached at its first step
-* linear:    ``1 - tau / L``, 0 at the end
-* cosine:    ``m + (1 - m) * (1 + cos(pi * tau / L)) / 2``, ``m = lr_min_factor``: base_lr*m at the end
+* multistep: ``lr_decay ** (number of milestones passed)``, a milestone passed once ``tau > milestone``
+* linear:    ``1 + (m - 1) * tau / L``: from 1 to ``m`` at the end
+* cosine:    ``m + (1 - m) * (1 + cos(pi * tau / L)) / 2``: base_lr*m at the end
   (the no-restart case of SGDR, Loshchilov & Hutter, arXiv:1608.03983)
-* sgdr:      the same cosine restarted at ``T0``, ``T0 + T0*T_mul``, ``T0 + T0*T_mul + T0*T_mul**2``, ...
-  epochs (arXiv:1608.03983, eq. 5; ``lr_min_factor`` is its eta_min), each cycle
-  starting again from the base lr.
+* sgdr:      the same cosine restarted after cycles of ``T0``, ``int(T0 * T_mul)``,
+  ``int(int(T0 * T_mul) * T_mul)``, ... epochs (arXiv:1608.03983, eq. 5; ``lr_min_factor``
+  is its eta_min; cycle lengths rounded down to whole epochs as the reference does),
+  each cycle starting again from the base lr. A last cycle that would run past
+  the end is cut there (the reference refuses such a T0/T_mul).
 
 At and past the end (step ``scheduler.epochs * steps_per_epoch``, the value a
-finished scheduler holds) every curve holds its end value: 0 for linear,
-``lr_min_factor`` for cosine and for an SGDR cycle that ends with the run.
+finished scheduler holds) every curve holds its end value: ``lr_min_factor`` for
+linear, cosine and an SGDR cycle that ends with the run.
 """
 from __future__ import annotations
 
@@ -65,8 +76,7 @@ class SchedulePlan:
     milestone_steps: tuple[int, ...]
     lr_decay: float
     lr_min_factor: float
-    T0_steps: int
-    T_mul: float
+    cycle_steps: tuple[int, ...]  # sgdr: the length of each cosine cycle
 
     @classmethod
     def from_config(cls, sched: SchedulerConfig, steps_per_epoch: int) -> SchedulePlan:
@@ -88,7 +98,7 @@ class SchedulePlan:
             raise ValueError(f"scheduler.warmup.exponent: must be > 0, got {w.exponent}")
         if w.type == "linear" and not 0 <= w.start_factor <= 1:
             raise ValueError(f"scheduler.warmup.start_factor: must be in [0, 1], got {w.start_factor}")
-        if sched.type in ("cosine", "sgdr") and not 0 <= sched.lr_min_factor <= 1:
+        if sched.type in ("linear", "cosine", "sgdr") and not 0 <= sched.lr_min_factor <= 1:
             raise ValueError(f"scheduler.lr_min_factor: must be in [0, 1], got {sched.lr_min_factor}")
         if sched.type == "sgdr":
             if sched.T0 <= 0:
@@ -98,6 +108,11 @@ class SchedulePlan:
                 raise ValueError(f"scheduler.T_mul: must be >= 1, got {sched.T_mul}")
         if sched.type == "multistep" and list(sched.milestones) != sorted(sched.milestones):
             raise ValueError(f"scheduler.milestones: must be increasing, got {sched.milestones}")
+        cycles: list[int] = []
+        if sched.type == "sgdr":
+            cycles = [sched.T0]
+            while sum(cycles) < sched.epochs - warmup_epochs:
+                cycles.append(max(int(cycles[-1] * sched.T_mul), 1))
         return cls(
             warmup_type=w.type if warmup_epochs > 0 else "none",
             warmup_steps=warmup_epochs * steps_per_epoch,
@@ -108,42 +123,47 @@ class SchedulePlan:
             milestone_steps=tuple(m * steps_per_epoch for m in sched.milestones),
             lr_decay=float(sched.lr_decay),
             lr_min_factor=float(sched.lr_min_factor),
-            T0_steps=sched.T0 * steps_per_epoch,
-            T_mul=float(sched.T_mul),
+            cycle_steps=tuple(c * steps_per_epoch for c in cycles),
         )
 
     def factor(self, step: int) -> float:
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        if step < self.warmup_steps:
-            t = step / self.warmup_steps
-            if self.warmup_type == "linear":
-                return self.start_factor + (1.0 - self.start_factor) * t
-            return 1.0 - math.exp(-self.exponent * t)
-        return self._main(step - self.warmup_steps)
+        return float(self.factors(torch.tensor([step]))[0])
 
-    def _main(self, tau: int) -> float:
+    def factors(self, steps: torch.Tensor) -> torch.Tensor:
+        """The factor at every step of ``steps`` (any integer tensor), as float64; one
+        vectorised evaluation serves the scheduler's single step and a whole run's curve."""
+        s = torch.as_tensor(steps).to(torch.float64)
+        if s.numel() and bool((s < 0).any()):
+            raise ValueError(f"step must be >= 0, got {int(s.min())}")
+        out = self._main((s - self.warmup_steps).clamp(0, self.main_steps))
+        if self.warmup_steps:
+            t = s / self.warmup_steps
+            ramp = t if self.warmup_type == "linear" else t ** self.exponent
+            out = torch.where(s < self.warmup_steps, self.start_factor + (1.0 - self.start_factor) * ramp, out)
+        return out
+
+    def _main(self, tau: torch.Tensor) -> torch.Tensor:
+        """tau: steps since the warmup ended, already clamped to [0, main_steps]."""
         if self.type == "constant":
-            return 1.0
+            return torch.ones_like(tau)
         if self.type == "multistep":
-            return self.lr_decay ** sum(tau >= m for m in self.milestone_steps)
+            # milestones strictly before tau: the milestone's own step keeps the old lr
+            passed = torch.searchsorted(torch.tensor(self.milestone_steps, dtype=tau.dtype), tau, right=False)
+            return self.lr_decay ** passed.to(tau.dtype)
         if self.type == "linear":
-            return max(0.0, 1.0 - tau / self.main_steps)
+            return 1.0 + (self.lr_min_factor - 1.0) * tau / self.main_steps
         if self.type == "cosine":
-            return self._cosine(min(tau, self.main_steps) / self.main_steps)
-        # sgdr: walk the cycles; their number grows with log(run length), so this is cheap.
-        # A restart that falls exactly at the end of the run is not taken: the run
-        # ends its last cycle at eta_min, as cosine does.
-        tau = min(tau, self.main_steps)
-        start, length = 0.0, float(self.T0_steps)
-        while tau > start + length or tau == start + length < self.main_steps:
-            start += length
-            length *= self.T_mul
-        return self._cosine((tau - start) / length)
+            return self._cosine(tau / self.main_steps)
+        # sgdr: the first cycle whose end is >= tau; at a cycle's last step (tau == its end)
+        # the next cycle has not begun
+        lengths = torch.tensor(self.cycle_steps, dtype=tau.dtype)
+        ends = lengths.cumsum(0)
+        k = torch.searchsorted(ends, tau, right=False).clamp_max(len(lengths) - 1)
+        return self._cosine((tau - (ends[k] - lengths[k])) / lengths[k])
 
-    def _cosine(self, progress: float) -> float:
+    def _cosine(self, progress: torch.Tensor) -> torch.Tensor:
         m = self.lr_min_factor
-        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return m + (1.0 - m) * 0.5 * (1.0 + torch.cos(math.pi * progress))
 
 
 def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
@@ -167,16 +187,18 @@ class PerIterationLR(LRScheduler):
 
     def __init__(self, optimizer: torch.optim.Optimizer, plan: SchedulePlan, last_epoch: int = -1) -> None:
         self.plan = plan
+        # the whole run's curve, evaluated once: a per-step tensor evaluation would cost ~0.1 ms
+        self._curve = plan.factors(torch.arange(plan.warmup_steps + plan.main_steps + 1)).tolist()
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
-        f = self.plan.factor(self.last_epoch)
+        f = self._curve[min(self.last_epoch, len(self._curve) - 1)]
         return [base * f for base in self.base_lrs]
 
     _get_closed_form_lr = get_lr
 
     def state_dict(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "plan")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "plan", "_curve")}
         state["plan"] = _plain(self.plan)  # for the record; the config decides
         return state
 
