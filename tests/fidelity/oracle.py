@@ -160,3 +160,40 @@ def copy_reference_weights(ours, theirs, mapping: dict[str, str]) -> None:
     mods_a, mods_b = dict(ours.named_modules()), dict(theirs.named_modules())
     for na, nb in mapping.items():
         mods_a[na].load_state_dict(mods_b[nb].state_dict())
+# --------------------------------------------------------------------------- schedules (i14b)
+TRAIN_SIZES = {"CIFAR10": 50000, "CIFAR100": 50000, "MNIST": 60000, "FashionMNIST": 60000, "KMNIST": 60000,
+               "digits": 1347}
+
+
+def reference_recipe_exists(recipe: str) -> bool:
+    return (REFERENCE_DIR / "configs" / recipe).is_file()
+
+
+def reference_schedule_factors(ref, cfg, steps_per_epoch: int, steps):
+    """The reference scheduler's LambdaLR factor at every step of ``steps`` (a numpy int array).
+
+    It evaluates the reference's own pieces (``CombinedScheduler.schedulers``) on arrays, choosing
+    the piece as its ``__call__`` does (``bisect_left`` on the offsets = ``searchsorted(side='left')``);
+    ``reference_schedule_factor_scalar`` is the reference's own per-step call, to spot-check this."""
+    import numpy as np
+
+    func = _reference_lambda(ref, cfg, steps_per_epoch)
+    offsets = np.asarray(func._offsets)
+    index = np.clip(np.searchsorted(offsets, steps, side="left") - 1, 0, len(func.schedulers) - 1)
+    out = np.empty(len(steps), dtype=np.float64)
+    for k, piece in enumerate(func.schedulers):
+        sel = index == k
+        if sel.any():
+            out[sel] = piece((steps[sel] - offsets[k]).astype(np.float64))
+    return out
+
+
+def reference_schedule_factor_scalar(ref, cfg, steps_per_epoch: int, step: int) -> float:
+    return float(_reference_lambda(ref, cfg, steps_per_epoch)(step))
+
+
+def _reference_lambda(ref, cfg, steps_per_epoch: int):
+    import torch
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.train.base_lr)
+    return ref.create_scheduler(cfg, opt, steps_per_epoch).lr_lambdas[0]
