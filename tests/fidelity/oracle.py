@@ -197,3 +197,36 @@ def _reference_lambda(ref, cfg, steps_per_epoch: int):
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.train.base_lr)
     return ref.create_scheduler(cfg, opt, steps_per_epoch).lr_lambdas[0]
+
+
+# --------------------------------------------------------------------------- parameters (i14b)
+def _param_kind(module) -> str:
+    from torch import nn
+
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+        return "norm"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return type(module).__name__
+
+
+def paired_parameters(ref_model, our_model) -> list[tuple[str, object, str, object]]:
+    """(reference name, its tensor, our name, our tensor) for every parameter.
+
+    Tensors pair up by (layer kind, weight|bias, shape), in module order within each such
+    group: enough for per-tensor comparisons (an optimizer step, a weight-decay decision) even
+    where the two models list a block's layers in different orders."""
+    def groups(model):
+        out: dict[tuple, list] = {}
+        for mname, module in model.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                key = (_param_kind(module), pname, tuple(p.shape))
+                out.setdefault(key, []).append((f"{mname}.{pname}" if mname else pname, p))
+        return out
+
+    theirs, ours = groups(ref_model), groups(our_model)
+    if {k: len(v) for k, v in theirs.items()} != {k: len(v) for k, v in ours.items()}:
+        raise AssertionError("the two models' parameters differ in kind, shape or number")
+    return [(rn, rp, on, op) for key in theirs for (rn, rp), (on, op) in zip(theirs[key], ours[key])]

@@ -26,6 +26,7 @@ import torch.nn as nn
 import yaml
 
 from imgclf import __version__, config as C
+from imgclf.augment.dual_cutout import per_view_model
 from imgclf.augment.pipeline import EvalTransform, TrainTransform
 from imgclf.data import DeviceLoader, derive_seed, load as load_data
 from imgclf.models import build as build_model
@@ -139,6 +140,7 @@ class Trainer:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
+        model = per_view_model(model, cfg.augmentation.use_dual_cutout)  # dual-cutout: a forward per view
         self.ddp_model: nn.Module = model
         if self.world_size > 1:
             self.ddp_model = nn.parallel.DistributedDataParallel(
