@@ -107,11 +107,11 @@ def test_random_erasing_areas_and_aspect_ratios_in_range():
     boxes = [rectangle(m) for m in erased[:, 0]]
     assert sum(b is None for b in boxes) <= 2, "20 attempts almost always find a fit"
     boxes = [b for b in boxes if b is not None]
-    for _, _, h, w in boxes:
-        # h = round(sqrt(S r)), w = round(sqrt(S / r)): rounding moves h·w by at most (h+w+1)/2 + 1/4.
-        slack = (h + w + 1) / 2 + 0.25
-        assert lo * size * size - slack <= h * w <= hi * size * size + slack
-        assert (h + 0.5) / (w - 0.5) >= r1 and (h - 0.5) / (w + 0.5) <= 1 / r1
+    for top, left, h, w in boxes:
+        # h = int(sqrt(S r)), w = int(sqrt(S / r)) (the reference's truncation): h·w <= S < (h+1)(w+1)
+        assert h * w <= hi * size * size and (h + 1) * (w + 1) > lo * size * size
+        assert (h + 1) / w >= r1 and h / (w + 1) <= 1 / r1
+        assert top + h < size and left + w < size  # the reference's corner never reaches the far border
     assert len(set(boxes)) > 0.8 * len(boxes), "each sample draws its own rectangle"
     areas = torch.tensor([h * w for _, _, h, w in boxes], dtype=torch.float32) / size**2
     assert areas.min() < 0.05 and areas.max() > 0.3
@@ -132,7 +132,7 @@ def test_random_erasing_probability_and_failed_attempts_leave_images_alone():
 
 
 def test_random_erasing_keeps_the_first_candidate_that_fits():
-    # Replays the same draws through the paper's sequential loop (Alg. 1).
+    # Replays the same draws through the reference's sequential loop (int(), strict fit).
     n, size, attempts = 64, 8, 6
     top, left, h, w, found = erasing_boxes(n, size, size, area_ratio_range=(0.3, 1.0), min_aspect_ratio=0.3,
                                            max_attempt=attempts, generator=gen(6), device="cpu")
@@ -142,15 +142,15 @@ def test_random_erasing_keeps_the_first_candidate_that_fits():
     for i in range(n):
         expected = None
         for a in range(attempts):
-            hh = round(math.sqrt(area[i, a] * aspect[i, a]))
-            ww = round(math.sqrt(area[i, a] / aspect[i, a]))
-            if hh <= size and ww <= size:
+            hh = int(math.sqrt(area[i, a] * aspect[i, a]))
+            ww = int(math.sqrt(area[i, a] / aspect[i, a]))
+            if hh < size and ww < size:
                 expected = (hh, ww)
                 break
         assert found[i].item() == (expected is not None)
         if expected:
             assert (h[i].item(), w[i].item()) == expected
-            assert 0 <= top[i] <= size - h[i] and 0 <= left[i] <= size - w[i]
+            assert 0 <= top[i] < size - h[i] and 0 <= left[i] < size - w[i]
     assert 0 < found.sum() < n
 
 
@@ -162,6 +162,12 @@ def test_random_erasing_per_channel_fill_bounds():
     for c in range(3):
         values = out[:, c][out[:, c] != 100.0]
         assert values.numel() > 0 and (values >= low[c]).all() and (values < high[c]).all()
+    # one value per rectangle, the same u mapped through each channel's bounds (as the reference)
+    erased = out[:, 0] != 100.0
+    for i in range(50):
+        vals = out[i][:, erased[i]]
+        assert torch.all(vals == vals[:, :1])
+        torch.testing.assert_close(vals[:, 0] - low, (vals[0, 0] - low[0]) * (high - low))
 
 
 # --------------------------------------------------------------------------- mixers

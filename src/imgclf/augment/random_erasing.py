@@ -1,14 +1,18 @@
 """Random Erasing (Zhong et al., "Random Erasing Data Augmentation", 1708.04896).
 
-Algorithm 1 of the paper, batched: every sample draws all ``max_attempt``
-candidate rectangles at once and keeps the first that fits, which is the
-sequential retry loop's outcome without a per-sample Python loop.
+Algorithm 1 of the paper as the reference implementation runs it, batched: every sample
+draws all ``max_attempt`` candidate rectangles at once and keeps the first that fits, which
+is the sequential retry loop's outcome without a per-sample Python loop. As in the
+reference (and unlike the paper), a candidate's corner is drawn only once its size fits.
 
-As in the authors' code, a candidate is accepted when its size fits the image
-and its corner is then drawn uniformly among the positions that keep it inside.
-Alg. 1 draws the corner as part of each attempt instead, which makes larger
-rectangles slightly less likely. Given the size, the corner's distribution is
-the same either way.
+Reference details reproduced (tests/fidelity/test_augment.py compares the distributions):
+
+* ``H_e = int(sqrt(S_e * r_e))``, ``W_e = int(sqrt(S_e / r_e))``: truncated, not rounded;
+* a candidate fits when ``H_e < H`` and ``W_e < W`` (strictly);
+* the corner is uniform over ``[0, H - H_e)`` x ``[0, W - W_e)`` (numpy's ``randint(0, H - H_e)``),
+  so the rectangle never reaches the last row or column;
+* the fill is ONE value ~ U(0, 1) per rectangle, the same for every pixel and channel, on the
+  normalized image (the paper fills each pixel with a random value; the reference does not).
 """
 from __future__ import annotations
 
@@ -30,33 +34,31 @@ def erasing_boxes(n: int, height: int, width: int, *, area_ratio_range: tuple[fl
     area = torch.empty(shape, device=device).uniform_(lo, hi, generator=generator) * (height * width)
     aspect = torch.empty(shape, device=device).uniform_(min_aspect_ratio, 1.0 / min_aspect_ratio,
                                                         generator=generator)
-    # H_e = sqrt(S_e·r_e), W_e = sqrt(S_e/r_e), rounded to whole pixels as the authors' code does.
-    h = torch.sqrt(area * aspect).round().long()
-    w = torch.sqrt(area / aspect).round().long()
-    fits = (h <= height) & (w <= width)
+    # H_e = sqrt(S_e·r_e), W_e = sqrt(S_e/r_e), truncated to whole pixels (the reference's int())
+    h = torch.sqrt(area * aspect).long()
+    w = torch.sqrt(area / aspect).long()
+    fits = (h < height) & (w < width)
     found = fits.any(dim=1)
     first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax returns the first maximum
     h = h.gather(1, first).squeeze(1)
     w = w.gather(1, first).squeeze(1)
-    # Given a size that fits, the corner is uniform over every position keeping the
-    # rectangle inside (Alg. 1's x_e + W_e <= W, y_e + H_e <= H).
+    # Given a size that fits, the corner is uniform over [0, H - H_e) x [0, W - W_e): one
+    # position fewer than would keep it inside, as the reference's randint(0, H - H_e).
     u = torch.rand(2, n, generator=generator, device=device)
-    top = (u[0] * (height - h + 1)).long().clamp_max(height - h)
-    left = (u[1] * (width - w + 1)).long().clamp_max(width - w)
+    top = (u[0] * (height - h)).long().clamp_max(height - h - 1).clamp_min(0)
+    left = (u[1] * (width - w)).long().clamp_max(width - w - 1).clamp_min(0)
     return top, left, h, w, found
 
 
 def random_erasing(x: Tensor, *, prob: float, area_ratio_range, min_aspect_ratio: float, max_attempt: int,
                    generator: torch.Generator, fill_low: float | Tensor = 0.0,
                    fill_high: float | Tensor = 1.0) -> Tensor:
-    """Return a new batch in which each sample, with probability ``prob``, has one rectangle of noise.
+    """Return a new batch in which each sample, with probability ``prob``, has one erased rectangle.
 
     ``x`` is (N, C, H, W) float, already normalized; it is not modified. Each sample
-    gets its own rectangle. The erased pixels are i.i.d. U(fill_low, fill_high) per
-    pixel and channel. The defaults U(0, 1) are what the reference applies to its
-    normalized images; the paper fills with random pixel values, i.e.
-    U((0 - mean)/std, (1 - mean)/std) per channel after normalization. To get that,
-    pass those bounds as (C,) tensors.
+    gets its own rectangle, filled with one value ``fill_low + u * (fill_high - fill_low)``,
+    u ~ U(0, 1) drawn per rectangle. The defaults U(0, 1) are what the reference writes into its
+    normalized images; (C,) tensors of bounds map the same u per channel.
     """
     n, c, height, width = x.shape
     device = x.device
@@ -71,5 +73,6 @@ def random_erasing(x: Tensor, *, prob: float, area_ratio_range, min_aspect_ratio
     mask = in_rows[:, :, None] & in_cols[:, None, :] & (applied & found)[:, None, None]
     low = torch.as_tensor(fill_low, dtype=x.dtype, device=device).reshape(-1, 1, 1)
     high = torch.as_tensor(fill_high, dtype=x.dtype, device=device).reshape(-1, 1, 1)
-    noise = torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype) * (high - low) + low
-    return torch.where(mask[:, None], noise, x)
+    u = torch.rand(n, 1, 1, 1, generator=generator, device=device, dtype=x.dtype)
+    fill = u * (high - low) + low  # (N, C, 1, 1): one value per rectangle (and channel bound)
+    return torch.where(mask[:, None], fill, x)
