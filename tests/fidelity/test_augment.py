@@ -1,0 +1,278 @@
+"""Area 6, augmentations: our batched draws have the distributions of the reference's per-sample
+transforms and collators, for every configuration a table row uses.
+
+Each comparison takes N = 10,000 draws from each side (seeded, so the test is deterministic) and
+applies a two-sample test: chi-square homogeneity for discrete quantities (offsets, sizes, corners,
+boundaries; categories with few counts pooled), Kolmogorov-Smirnov for continuous ones (lambda, fill).
+Tolerance: the test fails when p < 1e-3, i.e. a real difference of about 1.5 percentage points in
+a 50 % rate, or a shift of a few percent of a box size, is caught; equal distributions fail one
+comparison in a thousand, and the seeds are fixed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from scipy import stats
+
+from imgclf.augment import basic
+from imgclf.augment.cutmix import cutmix
+from imgclf.augment.cutout import cutout
+from imgclf.augment.mixup import mixup
+from imgclf.augment.random_erasing import random_erasing
+from imgclf.augment.ricap import ricap
+
+N = 10_000
+P_MIN = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Thousands of tiny tensor ops: threads only add contention (5-20x slower on a busy 2-core CI)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def same_discrete(a, b, what: str) -> None:
+    """Chi-square homogeneity of two samples of integer-coded categories (rare ones pooled)."""
+    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
+    cats, counts = np.unique(np.concatenate([a, b]), return_counts=True)
+    keep = cats[counts >= 20]
+    table = [[np.isin(x, keep, invert=True).sum(), *[(x == c).sum() for c in keep]] for x in (a, b)]
+    table = np.array(table)
+    table = table[:, table.sum(0) > 0]
+    if table.shape[1] < 2:
+        assert np.array_equal(np.unique(a), np.unique(b)), what
+        return
+    p = stats.chi2_contingency(table)[1]
+    assert p > P_MIN, f"{what}: chi-square p = {p:.2g}; ours {np.bincount(a - a.min())[:12]}..., " \
+                      f"reference {np.bincount(b - b.min())[:12]}..."
+
+
+def same_continuous(a, b, what: str) -> None:
+    p = stats.ks_2samp(np.asarray(a), np.asarray(b)).pvalue
+    assert p > P_MIN, f"{what}: Kolmogorov-Smirnov p = {p:.2g} (means {np.mean(a):.4f} vs {np.mean(b):.4f})"
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _ref_cfg(ref, size, channels, **aug):
+    cfg = ref.get_default_config()
+    cfg.dataset.image_size, cfg.dataset.n_channels = size, channels
+    for key, value in aug.items():
+        node, _, leaf = key.rpartition(".")
+        target = cfg.augmentation
+        for part in filter(None, node.split(".")):
+            target = getattr(target, part)
+        setattr(target, leaf, value)
+    return cfg
+
+
+def _boxes(mask: np.ndarray):
+    """(y0, y1, x0, x1) of a boolean (N, H, W) mask's rectangles; (0, 0, 0, 0) where empty."""
+    rows, cols = mask.any(2), mask.any(1)
+    hit = rows.any(1)
+    y0 = np.where(hit, rows.argmax(1), 0)
+    y1 = np.where(hit, rows.shape[1] - rows[:, ::-1].argmax(1), 0)
+    x0 = np.where(hit, cols.argmax(1), 0)
+    x1 = np.where(hit, cols.shape[1] - cols[:, ::-1].argmax(1), 0)
+    return y0, y1, x0, x1
+
+
+# --------------------------------------------------------------------------- crop and flip
+@pytest.mark.parametrize("size", [32, 28])  # CIFAR, the MNIST family; padding 4 in every row
+def test_crop_offsets_and_flip_rate(ref, size):
+    from pytorch_image_classification.transforms import RandomCrop, RandomHorizontalFlip
+
+    cfg = _ref_cfg(ref, size, 3)
+    crop, flip = RandomCrop(cfg), RandomHorizontalFlip(cfg)
+    r, c = np.meshgrid(np.arange(size) + 1, np.arange(size) + 1, indexing="ij")
+    coded = np.stack([r, c, np.zeros_like(r)], axis=2).astype(np.uint8)  # 1-based row, column
+    image = PIL.Image.fromarray(coded)
+    torch.manual_seed(0)
+    theirs = np.stack([np.asarray(flip(crop(image))) for _ in range(N)]).astype(np.int64)  # (N, H, W, 3)
+
+    x = torch.from_numpy(coded).permute(2, 0, 1)[None].expand(N, -1, -1, -1).float()
+    g = _gen(0)
+    ours = basic.horizontal_flip(basic.random_crop(x, padding=4, generator=g), prob=0.5, generator=g)
+    ours = ours.permute(0, 2, 3, 1).round().long().numpy()
+
+    def decode(batch):
+        mid = size // 2  # always inside the image for |offset| <= 4
+        flipped = batch[:, mid, mid + 1, 1] < batch[:, mid, mid, 1]
+        col = np.where(flipped, size - 1 - mid, mid)
+        oy = batch[:, mid, mid, 0] - 1 - mid + 4
+        ox = batch[:, mid, mid, 1] - 1 - col + 4
+        return oy, ox, flipped
+
+    (oy_a, ox_a, f_a), (oy_b, ox_b, f_b) = decode(ours), decode(theirs)
+    assert oy_b.min() == 0 and oy_b.max() == 8 and ox_a.min() == 0 and ox_a.max() == 8
+    same_discrete(oy_a * 9 + ox_a, oy_b * 9 + ox_b, f"crop offsets ({size}px)")
+    same_discrete(f_a.astype(int), f_b.astype(int), "flip rate")
+    assert abs(f_a.mean() - 0.5) < 0.02
+
+
+# --------------------------------------------------------------------------- cutout
+@pytest.mark.parametrize(("size", "mask"), [(32, 16), (28, 6), (28, 8), (28, 10), (28, 12), (28, 14), (28, 16)])
+def test_cutout_centre_and_area(ref, size, mask):
+    from pytorch_image_classification.transforms import Cutout
+
+    transform = Cutout(_ref_cfg(ref, size, 1, **{"cutout.mask_size": mask}))
+    np.random.seed(0)
+    ones = np.ones((size, size, 1), dtype=np.float32)
+    theirs = np.stack([transform(ones)[:, :, 0] == 0 for _ in range(N)])
+    ours = cutout(torch.ones(N, 1, size, size), mask_size=mask, prob=1.0, cut_inside=False, mask_color=0.0,
+                  generator=_gen(1))[:, 0].numpy() == 0
+    ya, yb = _boxes(ours), _boxes(theirs)
+    for name, k in (("rows", 0), ("columns", 2)):
+        same_discrete(ya[k] * 100 + ya[k + 1], yb[k] * 100 + yb[k + 1], f"cutout {mask} in {size}px: clipped {name}")
+    area_a, area_b = ours.sum((1, 2)), theirs.sum((1, 2))
+    same_discrete(area_a, area_b, f"cutout {mask} in {size}px: area")
+    assert area_b.max() == area_a.max() == mask * mask
+
+
+# --------------------------------------------------------------------------- random erasing
+@pytest.mark.parametrize("size", [32, 28])
+def test_random_erasing_area_aspect_position_and_fill(ref, size):
+    from pytorch_image_classification.transforms import RandomErasing
+
+    transform = RandomErasing(_ref_cfg(ref, size, 3))
+    np.random.seed(0)
+    zeros = np.zeros((size, size, 3), dtype=np.float32)
+    theirs = np.stack([transform(zeros) for _ in range(N)]).transpose(0, 3, 1, 2)  # (N, 3, H, W)
+    ours = random_erasing(torch.zeros(N, 3, size, size), prob=0.5, area_ratio_range=[0.02, 0.4],
+                          min_aspect_ratio=0.3, max_attempt=20, generator=_gen(2)).numpy()
+    results = []
+    for out in (ours, theirs):
+        erased = out[:, 0] != 0
+        # one value per rectangle, the same in every channel
+        assert np.all((out != 0) == erased[:, None])
+        y0, y1, x0, x1 = _boxes(erased)
+        assert np.array_equal(erased.sum((1, 2)), (y1 - y0) * (x1 - x0))  # a rectangle
+        applied = erased.any((1, 2))
+        fills = np.array([out[i, :, y0[i], x0[i]] for i in np.flatnonzero(applied)])
+        assert np.all(fills == fills[:, :1])
+        h, w = (y1 - y0)[applied], (x1 - x0)[applied]
+        assert np.all(y1[applied] < size) and np.all(x1[applied] < size)  # never the last row/column
+        results.append((applied, h, w, y0[applied], x0[applied], fills[:, 0]))
+    (ap_a, h_a, w_a, y_a, x_a, f_a), (ap_b, h_b, w_b, y_b, x_b, f_b) = results
+    where = f"random erasing ({size}px)"
+    same_discrete(ap_a.astype(int), ap_b.astype(int), f"{where}: applied rate")
+    same_discrete(h_a, h_b, f"{where}: height")
+    same_discrete(w_a, w_b, f"{where}: width")
+    same_discrete(np.digitize(h_a * w_a, np.quantile(h_b * w_b, np.linspace(0.1, 0.9, 9))),
+                  np.digitize(h_b * w_b, np.quantile(h_b * w_b, np.linspace(0.1, 0.9, 9))), f"{where}: area")
+    same_discrete(np.round(np.log(h_a / w_a) * 4).astype(int), np.round(np.log(h_b / w_b) * 4).astype(int),
+                  f"{where}: aspect")
+    same_discrete(y_a, y_b, f"{where}: top")
+    same_discrete(x_a, x_b, f"{where}: left")
+    same_continuous(f_a, f_b, f"{where}: fill")
+
+
+# --------------------------------------------------------------------------- mixers
+def _our_mix_draws(fn, n_draws, batch, **kw):
+    """Per draw: the mixed images and soft targets of a batch whose sample i is constant i and has
+    label i (one-hot over ``batch`` classes)."""
+    x = torch.arange(batch, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 32, 32).contiguous()
+    y = torch.eye(batch)
+    g = _gen(3)
+    return [fn(x, y, generator=g, **kw) for _ in range(n_draws)]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])  # the rows' mixup alphas
+def test_mixup_lambda(ref, alpha):
+    from pytorch_image_classification.collators.mixup import mixup as ref_mixup
+
+    np.random.seed(0)
+    torch.manual_seed(0)
+    data, labels = torch.zeros(8, 1, 2, 2), torch.arange(8)
+    theirs = np.array([ref_mixup((data, labels), alpha)[1][2] for _ in range(N)])
+    ours = np.array([float(ym.diagonal().min()) for _, ym in _our_mix_draws(mixup, N, 8, alpha=alpha)])
+    same_continuous(ours, theirs, f"mixup lambda (alpha {alpha})")
+    assert stats.kstest(ours, stats.beta(alpha, alpha).cdf).pvalue > P_MIN
+
+
+def test_cutmix_boxes_and_lambda(ref):
+    """No table row uses CutMix. Boxes: the same distribution of size and position. Label weight:
+    ours is 1 - (pasted area), the pixels' own share (the CutMix authors' code); the reference keeps
+    the drawn lambda, which differs from its box's share whenever the box is clipped or rounded."""
+    from pytorch_image_classification.collators.cutmix import cutmix as ref_cutmix
+
+    np.random.seed(0)
+    torch.manual_seed(0)
+    size, batch = 32, 8
+    base = torch.arange(batch, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, size, size)
+    labels = torch.arange(batch)
+    boxes_b, lam_b, share_b = [], [], []
+    for _ in range(N):
+        data, (_, _, lam) = ref_cutmix((base.clone(), labels), 1.0)
+        box = (data != base).any(0)[0].numpy()
+        boxes_b.append(box)
+        lam_b.append(lam)
+    boxes_a, lam_a = [], []
+    for xm, ym in _our_mix_draws(cutmix, N, batch, alpha=1.0):
+        box = (xm != base).any(0)[0].numpy()
+        boxes_a.append(box)
+        lam_a.append(float(ym.diagonal().min()))
+    a, b = np.stack(boxes_a), np.stack(boxes_b)
+    ya, yb = _boxes(a), _boxes(b)
+    same_discrete(ya[1] - ya[0], yb[1] - yb[0], "cutmix box height")
+    same_discrete(ya[3] - ya[2], yb[3] - yb[2], "cutmix box width")
+    same_discrete(ya[0] + ya[1], yb[0] + yb[1], "cutmix box centre (rows)")
+    share_a = a.mean((1, 2))
+    np.testing.assert_allclose(lam_a, 1 - share_a, atol=1e-6)  # ours: the label weight is the pixel share
+    share_b = b.mean((1, 2))
+    assert np.mean(np.abs(np.array(lam_b) - (1 - share_b)) > 0.01) > 0.2  # theirs: often not
+    same_continuous(np.array(lam_b), stats.beta(1, 1).rvs(N, random_state=0), "reference cutmix lambda ~ Beta")
+
+
+def _first_switch(lines: torch.Tensor, size: int) -> np.ndarray:
+    """lines: (draws, batch, L, 3) source codes along a line; per draw the first position where any
+    sample's line switches to another source crop; 0 where none does (w = 0 and w = W look alike)."""
+    change = (lines != lines[:, :, :1]).any(-1)  # (draws, batch, L)
+    first = torch.where(change.any(2), change.float().argmax(2), torch.full(change.shape[:2], size))
+    return (first.min(1).values % size).numpy()
+
+
+def test_ricap_boundaries_and_weights(ref, monkeypatch):
+    from pytorch_image_classification.collators.ricap import ricap as ref_ricap
+
+    monkeypatch.setattr(np, "int", int, raising=False)  # the reference's np.int, gone in numpy >= 1.24
+    size, batch, beta = 32, 8, 0.3
+    np.random.seed(0)
+    torch.manual_seed(0)
+    theirs = []
+    for _ in range(N):
+        _, (_, weights) = ref_ricap((torch.zeros(batch, 1, size, size), torch.arange(batch)), beta)
+        w0 = round(size * (weights[0] + weights[2]))
+        h0 = round(size * (weights[0] + weights[1]))
+        theirs.append((w0 % size, h0 % size))
+    # our images carry (source sample, row, column): within one patched region, (sample, row - r,
+    # column - c) is constant
+    r, c = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    x = torch.stack([torch.arange(batch).float().view(-1, 1, 1).expand(-1, size, size),
+                     r.float().expand(batch, -1, -1), c.float().expand(batch, -1, -1)], dim=1)
+    y = torch.eye(batch)
+    g = _gen(4)
+    top_rows, left_cols = [], []
+    for k in range(N):
+        xm, ym = ricap(x, y, beta=beta, generator=g)
+        top_rows.append(xm[:, :, 0, :])
+        left_cols.append(xm[:, :, :, 0])
+        if k < 200:  # weights: every source image's share of the pixels
+            share = torch.zeros(batch, batch).scatter_add_(1, xm[:, 0].flatten(1).long(),
+                                                           torch.full((batch, size * size), 1 / size**2))
+            torch.testing.assert_close(ym, share)
+    pos = torch.arange(size).float()
+    top = torch.stack(top_rows) - torch.stack([torch.zeros(size), torch.zeros(size), pos])[None, None]
+    left = torch.stack(left_cols) - torch.stack([torch.zeros(size), pos, torch.zeros(size)])[None, None]
+    w = _first_switch(top.transpose(2, 3), size)
+    h = _first_switch(left.transpose(2, 3), size)
+    theirs = np.array(theirs)
+    same_discrete(w, theirs[:, 0], "ricap boundary w (0 and W merged)")
+    same_discrete(h, theirs[:, 1], "ricap boundary h (0 and H merged)")
