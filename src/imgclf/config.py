@@ -145,6 +145,13 @@ class DistConfig:
     node_rank: int = -1
     local_rank: int = 0
     use_sync_bn: bool = False
+    # The reference's torch.distributed.launch runs, reproduced by the rows that ran them:
+    # False = one sample order for every epoch (its DistributedSampler never had set_epoch called)
+    reshuffle_every_epoch: bool = True
+    # True = each rank mixes (mixup | cutmix | ricap) only its own shard, with the same draws on
+    # every rank (its collator ran per process from identically seeded RNGs); False = one mix of
+    # the global batch, so N ranks compute what one process does
+    mixer_per_rank: bool = False
 
 
 @dataclass

@@ -276,3 +276,59 @@ def test_ricap_boundaries_and_weights(ref, monkeypatch):
     theirs = np.array(theirs)
     same_discrete(w, theirs[:, 0], "ricap boundary w (0 and W merged)")
     same_discrete(h, theirs[:, 1], "ricap boundary h (0 and H merged)")
+
+
+# --------------------------------------------------------------------------- multi-GPU rows
+def _multi_gpu_rows():
+    from imgclf.tables import spec as S
+    from oracle import RECIPES, REPO
+
+    return S.load(REPO / "config" / "tables" / "cifar10_multi_gpu.yaml", RECIPES).rows
+
+
+def test_reference_sampler_keeps_one_order_for_every_epoch(ref):
+    """The reference's DistributedSampler is never given set_epoch, so every epoch repeats epoch 0's
+    order; the multi-GPU rows reproduce that (train.dist.reshuffle_every_epoch false), the others don't."""
+    from oracle import REFERENCE_DIR
+
+    assert "set_epoch" not in (REFERENCE_DIR / "train.py").read_text()
+    assert "DistributedSampler(\n                train_dataset)" in (
+        REFERENCE_DIR / "pytorch_image_classification" / "datasets" / "dataloader.py").read_text()
+    sampler = torch.utils.data.distributed.DistributedSampler(range(64), num_replicas=2, rank=0)
+    assert list(sampler) == list(sampler)
+
+    from imgclf.data.loader import DeviceLoader
+
+    data = torch.arange(64)
+    fixed = DeviceLoader(data, data, 8, shuffle=True, drop_last=True, seed=3, reshuffle=False)
+    moving = DeviceLoader(data, data, 8, shuffle=True, drop_last=True, seed=3)
+    assert all(torch.equal(fixed.order(e), fixed.order(0)) for e in range(1, 5))
+    assert torch.equal(fixed.order(0), moving.order(0)) and not torch.equal(moving.order(1), moving.order(0))
+    for row in _multi_gpu_rows():
+        multi = row.config.train.distributed
+        assert row.config.train.dist.reshuffle_every_epoch is not multi, row.id
+        assert row.config.train.dist.mixer_per_rank is multi, row.id
+
+
+def test_per_rank_ricap_mixes_each_shard_alone_with_the_same_draws():
+    """train.dist.mixer_per_rank: each rank's RICAP takes its patches from its own samples only, and
+    every rank draws the same boundary, offsets and (local) permutations, as the reference's
+    per-process collators seeded alike."""
+    from imgclf.augment.pipeline import TrainTransform
+    from imgclf.config import AugmentationConfig
+
+    aug = AugmentationConfig(use_random_crop=False, use_ricap=True)
+    n, world, k = 32, 4, 32
+    transform = TrainTransform(aug, [0.5], [0.25], k, 8, torch.device("cpu"))
+    images = torch.randint(0, 255, (n, 1, 8, 8), dtype=torch.uint8, generator=_gen(5))
+    labels = torch.randperm(n, generator=_gen(6))  # distinct labels
+    local = []
+    for rank in range(world):
+        batch = transform(images, labels, _gen(7), mix_shard=(rank, world))
+        own = labels[rank::world]
+        assert len(batch.targets) == n // world
+        assert torch.all(batch.targets[:, own].sum(1) > 0.999)  # no weight on another rank's samples
+        local.append(batch.targets[:, own])  # in the shard's own sample order
+    assert all(torch.equal(t, local[0]) for t in local[1:])  # the same draws on every rank
+    whole = transform(images, labels, _gen(7))
+    assert not any(torch.equal(whole.targets[r::world][:, labels[r::world]], local[r]) for r in range(world))

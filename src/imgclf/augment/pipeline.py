@@ -33,7 +33,10 @@ class TrainTransform:
             raise ValueError(f"augmentation.cutout.mask_size {aug.cutout.mask_size} is larger than the "
                              f"{image_size}x{image_size} images")
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> Batch:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                 mix_shard: tuple[int, int] | None = None) -> Batch:
+        """``mix_shard=(rank, world_size)``: keep only that rank's samples (every world_size-th)
+        before the batch mixer, which then mixes them alone (train.dist.mixer_per_rank)."""
         from imgclf import losses
 
         a = self.aug
@@ -59,6 +62,9 @@ class TrainTransform:
             e = a.random_erasing
             x = random_erasing(x, prob=e.prob, area_ratio_range=e.area_ratio_range,
                                min_aspect_ratio=e.min_aspect_ratio, max_attempt=e.max_attempt, generator=generator)
+        if mix_shard is not None:
+            rank, world = mix_shard
+            x, y, labels = x[rank::world], y[rank::world], labels[rank::world]
         if a.use_mixup:
             from .mixup import mixup
 

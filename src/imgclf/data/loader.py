@@ -24,7 +24,7 @@ def derive_seed(*parts: int) -> int:
 class DeviceLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool,
                  drop_last: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", reshuffle: bool = True):
         if batch_size % world_size:
             raise ValueError(f"train.batch_size {batch_size} is not divisible by the world size {world_size}")
         if batch_size < 1 or not 0 <= rank < world_size:
@@ -33,6 +33,7 @@ class DeviceLoader:
         self.labels = labels.to(device)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.reshuffle = reshuffle  # False: epoch 0's order every epoch (train.dist.reshuffle_every_epoch)
         self.device = torch.device(device)
 
     def __len__(self) -> int:
@@ -43,7 +44,7 @@ class DeviceLoader:
         n = len(self.labels)
         if not self.shuffle:
             return torch.arange(n)
-        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0xDA7A))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch if self.reshuffle else 0, 0xDA7A))
         return torch.randperm(n, generator=g)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:

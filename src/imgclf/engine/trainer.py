@@ -161,7 +161,7 @@ class Trainer:
         # keeps its own shard, so N ranks compute exactly what one process would at that batch.
         self.loader = DeviceLoader(data.train_images, data.train_labels, cfg.train.batch_size, shuffle=True,
                                    drop_last=cfg.train.dataloader.drop_last, seed=cfg.train.seed,
-                                   device=self.device)
+                                   device=self.device, reshuffle=cfg.train.dist.reshuffle_every_epoch)
         if len(self.loader) == 0:
             raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than the "
                              f"{len(data.train_labels)} training images")
@@ -311,7 +311,10 @@ class Trainer:
             seed = derive_seed(cfg.train.seed, self.epoch, step)
             torch.manual_seed(seed)
             gen = torch.Generator(device=self.device).manual_seed(seed)
-            batch = self._shard(self.train_transform(images, labels, gen))
+            if cfg.train.dist.mixer_per_rank and self.world_size > 1:  # as the reference's per-process collator
+                batch = self.train_transform(images, labels, gen, mix_shard=(self.rank, self.world_size))
+            else:
+                batch = self._shard(self.train_transform(images, labels, gen))
             loss, n_correct = self._train_step(batch.images, batch.targets, batch.labels)
             loss_sum += loss.double() * len(batch.labels)
             correct += n_correct
