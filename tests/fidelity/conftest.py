@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from oracle import load_reference, reference_missing
+# This folder is a package (its test modules share basenames with tests/test_*.py, e.g.
+# test_optim.py); its test modules import their helpers as `from oracle import ...`.
+sys.path.insert(0, str(Path(__file__).parent))
+
+from oracle import load_reference, reference_missing  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

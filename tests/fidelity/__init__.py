@@ -1,0 +1,1 @@
+"""The differential suite against the reference implementation (see oracle.py)."""
