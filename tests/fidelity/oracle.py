@@ -160,6 +160,8 @@ def copy_reference_weights(ours, theirs, mapping: dict[str, str]) -> None:
     mods_a, mods_b = dict(ours.named_modules()), dict(theirs.named_modules())
     for na, nb in mapping.items():
         mods_a[na].load_state_dict(mods_b[nb].state_dict())
+
+
 # --------------------------------------------------------------------------- schedules (i14b)
 TRAIN_SIZES = {"CIFAR10": 50000, "CIFAR100": 50000, "MNIST": 60000, "FashionMNIST": 60000, "KMNIST": 60000,
                "digits": 1347}
