@@ -100,6 +100,16 @@ def _onednn_cl_hazard(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) and max(m.stride) > 1 and m.in_channels < 8 for m in model.modules())
 
 
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """``train.dist.use_sync_bn``: every BatchNorm normalises with the statistics of the global
+    batch (SyncBatchNorm). torch's DDP refuses SyncBatchNorm on CPU ranks, deep inside its
+    constructor; say so here, in terms of the switch."""
+    if device.type == "cpu":
+        raise ValueError("train.dist.use_sync_bn: SyncBatchNorm needs GPU ranks (torch's DDP refuses it on CPU); "
+                         "set it False to train on CPU ranks")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def short_device_name(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -133,7 +143,7 @@ class Trainer:
         model = build_model(cfg, in_channels=data.n_channels, n_classes=self.n_classes)
         self.n_params = sum(p.numel() for p in model.parameters())
         if self.world_size > 1 and cfg.train.dist.use_sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = sync_batchnorm(model, self.device)
         self.channels_last = (cfg.train.channels_last and self.device.type in ("cpu", "cuda")
                               and not (self.device.type == "cpu" and _onednn_cl_hazard(model)))
         model = self.precision.cast_model(model.to(self.device))
