@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import make_run
-from imgclf.engine import Trainer, train
+from imgclf.engine import Trainer
 
 ONE_STEP = {"train.batch_size": 1024, "scheduler.epochs": 1, "augmentation.use_random_crop": False,
             "device": "cpu"}
