@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "config" / "recipes"
 TABLES = REPO / "config" / "tables"
 CIFAR_ARCHIVE = "cifar10_jpg/cifar10_jpg.tgz"
+NOTES = "## Notes\n"  # a section of the output file that a new run keeps
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu": cpu_model(), "load_start": load_start, "load_end": os.getloadavg()[0],
                 "seeds": list(range(k)), "seconds": time.perf_counter() - started}
     text = report(results, settings, smoke)
+    if args.out.is_file() and NOTES in args.out.read_text():  # hand-written reading of the numbers
+        text += "\n" + NOTES + args.out.read_text().split(NOTES, 1)[1]
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, args.out)

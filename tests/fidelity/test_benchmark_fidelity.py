@@ -24,12 +24,14 @@ def test_permutation_test_is_exact():
 
 def test_smoke_trains_both_sides_on_real_mnist(ref, data_root, tmp_path):
     out = tmp_path / "FIDELITY.md"
+    out.write_text("# old numbers\n\n## Notes\nthe reading of the numbers, kept\n")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.fidelity", "--smoke", "--out", str(out),
                            "--data-root", str(data_root), "--work", str(tmp_path / "work")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    assert "SMOKE RUN" in text
+    assert "SMOKE RUN" in text and "old numbers" not in text
+    assert text.endswith("## Notes\nthe reading of the numbers, kept\n")
     rows = [ln for ln in text.splitlines() if ln.startswith("| ResNet")]
     assert len(rows) == 2 and "`mnist: rp20`" in rows[0] and "`mnist: rp20_mixup_alpha1`" in rows[1]
     for line in re.findall(r"^- ResNet.*$", text, flags=re.M):
