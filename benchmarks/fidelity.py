@@ -230,8 +230,9 @@ def report(results: list[dict], settings: dict, smoke: bool) -> str:
               f"- Hardware: {settings['cpu']}, {os.cpu_count()} cores (shared with other jobs; "
               f"load average at start {settings['load_start']:.2f}, at end {settings['load_end']:.2f}); "
               f"{torch.get_num_threads()} torch thread(s); fp32 on CPU",
-              f"- Software: Python {platform.python_version()}, torch {torch.__version__}, "
-              f"torchvision {torchvision.__version__}; the reference at commit 993089a (ORACLE.md)",
+              f"- Software: imgclf at commit {settings['commit']}; Python {platform.python_version()}, "
+              f"torch {torch.__version__}, torchvision {torchvision.__version__}; the reference at commit "
+              "993089a (ORACLE.md)",
               f"- Seeds: {settings['seeds']} (train.seed, on both sides); wall time {settings['seconds']:.0f} s", ""]
     lines += ["| Row (table: id) | Dataset | Train / test images | Epochs | Reference | imgclf | Δ mean "
               "(imgclf − ref) | Permutation p | Welch t |",
@@ -251,6 +252,19 @@ def report(results: list[dict], settings: dict, smoke: bool) -> str:
               "different random numbers (weight init, shuffling, augmentation), so single runs differ and only "
               "the distributions are compared.", ""]
     return "\n".join(lines)
+
+
+def git_commit() -> str:
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return head + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {"command": "python -m benchmarks.fidelity " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "cpu": cpu_model(), "load_start": load_start, "load_end": os.getloadavg()[0],
-                "seeds": list(range(k)), "seconds": time.perf_counter() - started}
+                "seeds": list(range(k)), "seconds": time.perf_counter() - started, "commit": git_commit()}
     text = report(results, settings, smoke)
     if args.out.is_file() and NOTES in args.out.read_text():  # hand-written reading of the numbers
         text += "\n" + NOTES + args.out.read_text().split(NOTES, 1)[1]

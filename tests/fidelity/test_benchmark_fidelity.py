@@ -32,6 +32,7 @@ def test_smoke_trains_both_sides_on_real_mnist(ref, data_root, tmp_path):
     text = out.read_text()
     assert "SMOKE RUN" in text and "old numbers" not in text
     assert text.endswith("## Notes\nthe reading of the numbers, kept\n")
+    assert re.search(r"imgclf at commit [0-9a-f]{7}", text)
     rows = [ln for ln in text.splitlines() if ln.startswith("| ResNet")]
     assert len(rows) == 2 and "`mnist: rp20`" in rows[0] and "`mnist: rp20_mixup_alpha1`" in rows[1]
     for line in re.findall(r"^- ResNet.*$", text, flags=re.M):
