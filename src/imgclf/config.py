@@ -21,8 +21,7 @@ from typing import Any
 
 import yaml
 
-# libyaml's safe loader when present: planning parses hundreds of recipes and specs.
-_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+from imgclf.utils import InputError, clip, parse_yaml, read_yaml
 
 
 class ConfigError(ValueError):
@@ -357,6 +356,74 @@ DATASET_NAMES = ("digits", "MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR1
 DATASET_SHAPES = {"digits": (1, 8, 8), "MNIST": (1, 28, 28), "FashionMNIST": (1, 28, 28), "KMNIST": (1, 28, 28),
                   "CIFAR10": (3, 32, 32), "CIFAR100": (3, 32, 32)}
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# Every int is read into a C integer somewhere (torch seeds are int64, shapes int32): bounded
+# here, at resolution, not by an overflow deep inside a job.
+INT_LIMIT = 2**32 - 1
+FLOAT_LIMIT = 1e9
+# (low, high, low inclusive, high inclusive) of numeric keys beyond "a number"; the rest of
+# validate() checks combinations. None = unbounded on that side.
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "train.seed": (0, INT_LIMIT, True, True),
+    "train.batch_size": (0, None, False, True),
+    "train.subdivision": (0, None, False, True),
+    "train.base_lr": (0, 1e3, False, True),  # LARS rows go to 40; 1e308 only overflows
+    "train.momentum": (0, 1, True, False),
+    "train.weight_decay": (0, 1, True, True),
+    "train.gradient_clip": (0, None, True, True),
+    "train.start_epoch": (0, None, True, True),
+    "train.val_period": (0, None, False, True),
+    "train.val_ratio": (0, 1, True, False),
+    "train.log_period": (0, None, False, True),
+    "train.checkpoint_period": (0, None, False, True),
+    "train.rollback_lr_factor": (0, 1, False, False),
+    "train.max_rollbacks": (0, None, True, True),
+    "train.dataloader.num_workers": (0, None, True, True),
+    "validation.dataloader.num_workers": (0, None, True, True),
+    "train.dist.world_size": (-1, None, True, True),
+    "train.dist.node_rank": (-1, None, True, True),
+    "train.dist.local_rank": (0, None, True, True),
+    "validation.batch_size": (0, None, False, True),
+    "scheduler.epochs": (0, None, False, True),
+    "scheduler.lr_decay": (0, 1, False, True),
+    "scheduler.lr_min_factor": (0, 1, True, True),
+    "scheduler.T0": (0, None, False, True),
+    "scheduler.T_mul": (0, None, False, True),
+    "scheduler.warmup.epochs": (0, None, True, True),
+    "scheduler.warmup.start_factor": (0, 1, False, True),
+    "scheduler.warmup.exponent": (0, None, False, True),
+    "optim.lars.eps": (0, None, False, True),
+    "optim.lars.threshold": (0, None, True, True),
+    "augmentation.random_crop.padding": (0, None, True, True),
+    "augmentation.random_crop.fill": (0, 255, True, True),
+    "augmentation.random_horizontal_flip.prob": (0, 1, True, True),
+    "augmentation.cutout.prob": (0, 1, True, True),
+    "augmentation.cutout.mask_size": (0, None, False, True),
+    "augmentation.cutout.mask_color": (0, 255, True, True),
+    "augmentation.cutout.dual_cutout_alpha": (0, None, True, True),
+    "augmentation.random_erasing.prob": (0, 1, True, True),
+    "augmentation.random_erasing.min_aspect_ratio": (0, 1, False, True),
+    "augmentation.random_erasing.max_attempt": (0, None, False, True),
+    "augmentation.mixup.alpha": (0, None, False, True),
+    "augmentation.cutmix.alpha": (0, None, False, True),
+    "augmentation.ricap.beta": (0, None, False, True),
+    "augmentation.label_smoothing.epsilon": (0, 1, True, False),
+}
+# The selected model family's own numeric options (other families' options are not used).
+MODEL_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "initial_channels": (0, None, False, True), "growth_rate": (0, None, False, True),
+    "widening_factor": (0, None, False, True), "cardinality": (0, None, False, True),
+    "base_channels": (0, None, False, True), "se_reduction": (0, None, False, True),
+    "alpha": (0, None, True, True), "drop_rate": (0, 1, True, False), "compression_rate": (0, 1, False, True),
+    "depth": (0, None, False, True),
+}
+# depth = a * n + b with n >= 1, per family and block type: what each builder in models/ accepts,
+# known at resolution so a table row with an impossible depth fails `snakemake -n`, not its job.
+DEPTH_RULES: dict[tuple[str, str], tuple[int, int]] = {
+    **{(f, "basic"): (6, 2) for f in ("resnet", "resnet_preact", "se_resnet_preact", "pyramidnet")},
+    **{(f, "bottleneck"): (9, 2) for f in ("resnet", "resnet_preact", "se_resnet_preact", "pyramidnet")},
+    ("resnext", ""): (9, 2), ("shake_shake", ""): (6, 2), ("wrn", ""): (6, 4),
+    ("densenet", "basic"): (3, 4), ("densenet", "bottleneck"): (6, 4),
+}
 # The registry's names, kept here so that planning a workflow never imports torch
 # (a test checks that they equal imgclf.models.names()).
 MODEL_NAMES = ("densenet", "pyramidnet", "resnet", "resnet_preact", "resnext", "se_resnet_preact",
@@ -404,9 +471,9 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5) if len(key) <= 200 else []
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"{where}unknown config key '{key}'{hint}")
+    return ConfigError(f"{where}unknown config key '{key if len(key) <= 60 else clip(key, 60)}'{hint}")
 
 
 def _type_name(hint: Any) -> str:
@@ -422,7 +489,7 @@ _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     """Check (and minimally widen) a value against its schema type."""
     origin = typing.get_origin(hint)
-    bad = ConfigError(f"{where}{key}: expected {_type_name(hint)}, got {value!r}")
+    bad = ConfigError(f"{where}{key}: expected {_type_name(hint)}, got {clip(value)}")
     if origin is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, str):  # a quoted list that reached us still quoted: '[True, False]'
@@ -439,14 +506,17 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
+        if not -INT_LIMIT <= value <= INT_LIMIT:  # a seed of 10**23 overflows torch's int64 late
+            raise ConfigError(f"{where}{key}: {clip(value)} is out of range (|value| <= {INT_LIMIT})")
         return value
     if hint is float:
         if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}{key}: expected a finite number, got {value}")
+        if not math.isfinite(value) or abs(value) > FLOAT_LIMIT:
+            raise ConfigError(f"{where}{key}: expected a finite number of magnitude <= {FLOAT_LIMIT:g}, "
+                              f"got {clip(value)}")
         return float(value)
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -459,9 +529,13 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
 
 def parse_scalar(text: str) -> Any:
     """A command-line value, read as YAML (``True``, ``0.2``, ``'[1, 2]'``, ``[80, 120]``)."""
+    if not text.strip():
+        return ""
     try:
-        return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+        return parse_yaml(text, "override value")
+    except InputError as e:
+        if "alias" in str(e):
+            raise ConfigError(f"override value {clip(text)}: {str(e).split(': ', 1)[1]}") from None
         return text
 
 
@@ -475,7 +549,7 @@ def set_key(cfg: Config, key: str, value: Any, where: str = "") -> None:
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(hint):
                 if not isinstance(value, dict):
-                    raise ConfigError(f"{where}{key}: expected a mapping of sub-keys, got {value!r}")
+                    raise ConfigError(f"{where}{key}: expected a mapping of sub-keys, got {clip(value)}")
                 for k, v in value.items():
                     set_key(cfg, f"{key}.{k}", v, where)
                 return
@@ -537,12 +611,10 @@ def _load_yaml(name: str, _mtime: int, _size: int) -> dict[str, Any]:
     """Parsed once per file version: planning reads each recipe for hundreds of rows."""
     path = Path(name)
     try:
-        data = yaml.load(path.read_text(), Loader=_SafeLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
-    if data is None:
+        data = read_yaml(path, "a YAML mapping of config keys")
+    except InputError as e:
+        raise ConfigError(str(e)) from None
+    if data is None:  # an empty recipe: all defaults
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
@@ -610,7 +682,8 @@ def _not_one_of(key: str, value: Any, choices: tuple[str, ...]) -> ConfigError:
     lower = {c.lower(): c for c in choices}
     close = difflib.get_close_matches(str(value).lower(), list(lower), n=1, cutoff=0.4)
     hint = f" (did you mean '{lower[close[0]]}'?)" if close else ""
-    return ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}{hint}")
+    shown = str(value) if len(str(value)) <= 40 else clip(str(value))
+    return ConfigError(f"{key}: '{shown}' is not one of {', '.join(choices)}{hint}")
 
 
 def validate(cfg: Config) -> None:
@@ -628,21 +701,10 @@ def validate(cfg: Config) -> None:
     for key in ("dataset.image_size", "dataset.n_channels", "dataset.n_classes"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0 (0 = the dataset's own), got {get_key(cfg, key)}")
-    positive = {
-        "train.batch_size": cfg.train.batch_size,
-        "train.base_lr": cfg.train.base_lr,
-        "train.subdivision": cfg.train.subdivision,
-        "train.val_period": cfg.train.val_period,
-        "train.checkpoint_period": cfg.train.checkpoint_period,
-        "scheduler.epochs": cfg.scheduler.epochs,
-        "validation.batch_size": cfg.validation.batch_size,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {value}")
-    for key in ("train.weight_decay", "train.gradient_clip", "train.momentum", "scheduler.warmup.epochs"):
-        if get_key(cfg, key) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {get_key(cfg, key)}")
+    _check_dataset_shape(cfg)
+    for key, bounds in RANGES.items():
+        _check_range(key, get_key(cfg, key), bounds)
+    _check_model(cfg)
     if cfg.train.batch_size % cfg.train.subdivision:
         raise ConfigError(
             f"train.subdivision: {cfg.train.subdivision} does not divide train.batch_size {cfg.train.batch_size}"
@@ -660,33 +722,86 @@ def validate(cfg: Config) -> None:
     if aug.use_dual_cutout and (mixers or aug.use_cutout):
         other = mixers[0] if mixers else "use_cutout"
         raise ConfigError(f"augmentation.use_dual_cutout cannot be combined with augmentation.{other}")
-    for key in ("cutout.prob", "random_erasing.prob", "random_horizontal_flip.prob"):
-        p = get_key(aug, key)
-        if not 0.0 <= p <= 1.0:
-            raise ConfigError(f"augmentation.{key}: must be in [0, 1], got {p}")
-    if not 0.0 <= aug.label_smoothing.epsilon < 1.0:
-        raise ConfigError(f"augmentation.label_smoothing.epsilon: must be in [0, 1), got {aug.label_smoothing.epsilon}")
     lo, hi = (aug.random_erasing.area_ratio_range + [0, 0])[:2]
     if len(aug.random_erasing.area_ratio_range) != 2 or not 0 < lo <= hi <= 1:
         raise ConfigError(
             f"augmentation.random_erasing.area_ratio_range: expected [low, high] with 0 < low <= high <= 1, "
             f"got {aug.random_erasing.area_ratio_range}"
         )
-    for key in ("mixup.alpha", "cutmix.alpha", "ricap.beta"):
-        if get_key(aug, key) <= 0:
-            raise ConfigError(f"augmentation.{key}: must be > 0, got {get_key(aug, key)}")
-    if aug.cutout.mask_size <= 0:
-        raise ConfigError(f"augmentation.cutout.mask_size: must be > 0, got {aug.cutout.mask_size}")
     size = cfg.dataset.image_size or DATASET_SHAPES[cfg.dataset.name][1]
     if (aug.use_cutout or aug.use_dual_cutout) and aug.cutout.mask_size > size:
         raise ConfigError(f"augmentation.cutout.mask_size: {aug.cutout.mask_size} is larger than the "
                           f"{size}x{size} images of {cfg.dataset.name} (at most {size})")
-    if cfg.optim.lars.eps <= 0 or cfg.optim.lars.threshold < 0:
-        key = "eps" if cfg.optim.lars.eps <= 0 else "threshold"
-        raise ConfigError(f"optim.lars.{key}: must be {'> 0' if key == 'eps' else '>= 0'}, "
-                          f"got {getattr(cfg.optim.lars, key)}")
     if cfg.scheduler.type == "multistep" and sorted(cfg.scheduler.milestones) != cfg.scheduler.milestones:
         raise ConfigError(f"scheduler.milestones: must be increasing, got {cfg.scheduler.milestones}")
+
+
+def _check_range(key: str, value: Any, bounds: tuple[float | None, float | None, bool, bool]) -> None:
+    lo, hi, lo_in, hi_in = bounds
+    ok = (lo is None or (value >= lo if lo_in else value > lo)) and (hi is None or (value <= hi if hi_in else value < hi))
+    if ok:
+        return
+    if lo is not None and hi is not None and hi - lo <= 1:  # a fraction or probability: the interval
+        want = f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+    elif lo is not None and (value < lo or (value == lo and not lo_in)):
+        want = f"{'>=' if lo_in else '>'} {lo:g}"
+    else:
+        want = f"{'<=' if hi_in else '<'} {hi:g}"
+    raise ConfigError(f"{key}: must be {want}, got {clip(value)}")
+
+
+def _check_dataset_shape(cfg: Config) -> None:
+    """The named dataset's images have a known shape and class count; the data are not resized."""
+    c, h, _ = DATASET_SHAPES[cfg.dataset.name]
+    classes = 100 if cfg.dataset.name == "CIFAR100" else 10
+    ds = cfg.dataset
+    if ds.n_channels and ds.n_channels != c:
+        raise ConfigError(f"dataset.n_channels: {ds.n_channels} does not match the {c}-channel images of "
+                          f"{ds.name} (0 = the dataset's own)")
+    if ds.image_size and ds.image_size != h:
+        raise ConfigError(f"dataset.image_size: {ds.image_size} does not match the {h}x{h} images of {ds.name} "
+                          "(images are not resized; 0 = the dataset's own)")
+    if ds.n_classes and ds.n_classes < classes:
+        raise ConfigError(f"dataset.n_classes: {ds.n_classes} is fewer than the {classes} classes of {ds.name} "
+                          "(0 = the dataset's own)")
+
+
+def _check_model(cfg: Config) -> None:
+    family = cfg.model.name
+    options = getattr(cfg.model, family)
+    names = _field_names(type(options))
+    for option, bounds in MODEL_RANGES.items():
+        if option in names:
+            _check_range(f"model.{family}.{option}", getattr(options, option), bounds)
+    block = getattr(options, "block_type", "")
+    rule = DEPTH_RULES.get((family, block)) or DEPTH_RULES.get((family, ""))
+    if rule is not None:
+        a, b = rule
+        n, rem = divmod(options.depth - b, a)
+        if rem or n < 1:
+            kind = f" with block_type '{block}'" if block else ""
+            raise ConfigError(f"model.{family}.depth: {options.depth} is not {a}n+{b}{kind} "
+                              f"(e.g. {', '.join(str(a * k + b) for k in (1, 2, 3, 9, 18))})")
+    if family == "vgg":
+        v = cfg.model.vgg
+        if not v.n_channels or len(v.n_channels) != len(v.n_layers):
+            raise ConfigError(f"model.vgg.n_layers: expected one entry per stage of model.vgg.n_channels "
+                              f"({len(v.n_channels)}), got {clip(v.n_layers)}")
+        if min(v.n_layers) < 1 or min(v.n_channels) < 1:
+            raise ConfigError(f"model.vgg: every stage needs >= 1 layer and >= 1 channel, got n_channels "
+                              f"{clip(v.n_channels)}, n_layers {clip(v.n_layers)}")
+    stages = getattr(options, "preact_stage", None)
+    if stages is not None and len(stages) != 3:
+        raise ConfigError(f"model.{family}.preact_stage: expected 3 booleans (one per stage), got {clip(stages)}")
+    n_blocks = getattr(options, "n_blocks", None)  # the reference's ImageNet-style option
+    if n_blocks is not None and (not n_blocks or min(n_blocks) < 1):
+        raise ConfigError(f"model.{family}.n_blocks: expected integers >= 1, got {clip(n_blocks)}")
+    betas = cfg.optim.adam.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.adam.betas: expected [beta1, beta2] each in [0, 1), got {clip(betas)}")
+    bad = [m for m in cfg.scheduler.milestones if m < 0]
+    if bad:
+        raise ConfigError(f"scheduler.milestones: must be >= 0, got {clip(cfg.scheduler.milestones)}")
 
 
 def precision(cfg: Config) -> str:

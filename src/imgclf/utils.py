@@ -44,3 +44,122 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+# --------------------------------------------------------------------------- hostile input
+class InputError(ValueError):
+    """A file that cannot be what it should be (binary, not UTF-8, a YAML bomb, garbage JSON); the
+    message is one line naming the file and what was expected."""
+
+
+# Recipes, specs and config files are a few KB; JSON files of a run directory a few hundred bytes.
+MAX_YAML_BYTES = 1 << 20
+MAX_JSON_BYTES = 16 << 20
+ECHO_CHARS = 40
+
+
+def clip(value: Any, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error echoes what it refuses, never megabytes."""
+    if isinstance(value, (str, bytes)) and len(value) > 4 * limit:
+        value = value[:4 * limit]  # repr of a 50 MB string would be built only to be cut
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def read_text(path: str | Path, what: str, max_bytes: int) -> str:
+    """A small UTF-8 text file, or :class:`InputError` saying why it is not one."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise InputError(f"{path}: {size:,} bytes, too large for {what} (at most {max_bytes:,})")
+    raw = path.read_bytes()[:max_bytes + 1]
+    if b"\0" in raw:
+        hint = " (UTF-16?)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise InputError(f"{path}: binary data{hint}, expected {what} as UTF-8 text")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}), expected {what} as UTF-8 text") from None
+
+
+def _yaml_loader():
+    import yaml
+
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+# Nodes a YAML document may hold with its aliases expanded: the largest table spec holds ~2,000;
+# a 505-byte alias bomb expands to 10^9.
+MAX_YAML_NODES = 200_000
+
+
+def _check_aliases(text: str, where: str) -> None:
+    """Walk the event stream counting nodes with every alias expanded; refuse a recursive alias
+    and a document that expands beyond MAX_YAML_NODES (an alias bomb), before anything is built."""
+    import yaml
+
+    sizes: dict[str, int] = {}
+    stack: list[list] = [[None, 0]]  # [anchor, nodes so far] per open collection
+    for event in yaml.parse(text, Loader=_yaml_loader()):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            stack.append([event.anchor, 1])
+            continue
+        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            anchor, n = stack.pop()
+            if anchor:
+                sizes[anchor] = n
+        elif isinstance(event, yaml.ScalarEvent):
+            n = 1
+            if event.anchor:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            if any(frame[0] == event.anchor for frame in stack):
+                raise InputError(f"{where} (line {event.start_mark.line + 1}): recursive YAML alias "
+                                 f"*{event.anchor[:20]} refers to the collection that holds it")
+            n = sizes.get(event.anchor, 1)
+        else:
+            continue
+        stack[-1][1] += n
+        if sum(frame[1] for frame in stack) > MAX_YAML_NODES:
+            raise InputError(f"{where} (line {event.start_mark.line + 1}): YAML aliases expand beyond "
+                             f"{MAX_YAML_NODES:,} values (an alias bomb?); write the values out")
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML through the safe loader, with aliases bounded: no alias bomb can expand and no
+    recursive structure can be built."""
+    import yaml
+
+    try:
+        if "*" in text:  # no alias without one
+            _check_aliases(text, where)
+        return yaml.load(text, Loader=_yaml_loader())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InputError(f"{where}{line}: not valid YAML: {problem}") from None
+    except RecursionError:
+        raise InputError(f"{where}: YAML nested too deeply") from None
+
+
+def read_yaml(path: str | Path, what: str = "YAML") -> Any:
+    """A YAML file (bounded: size, encoding, no aliases); :class:`InputError` names the file."""
+    path = Path(path)
+    return parse_yaml(read_text(path, what, MAX_YAML_BYTES), str(path))
+
+
+def read_json_object(path: str | Path, what: str = "a JSON object") -> dict[str, Any]:
+    """A JSON object file (what imgclf writes into a run directory), or :class:`InputError`."""
+    path = Path(path)
+    text = read_text(path, what, MAX_JSON_BYTES)
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise InputError(f"{path}: not valid JSON{where}, expected {what}") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply, expected {what}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: holds a JSON {type(data).__name__}, expected {what}")
+    return data
