@@ -20,6 +20,9 @@ class CLIError(Exception):
     pass
 
 
+MAX_MESSAGE = 500
+
+
 def _build_config(args) -> C.Config:
     cfg = C.build(args.config, C.parse_overrides(args.overrides))
     return cfg
@@ -232,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (C.ConfigError, SpecError, DataError, OSError, ValueError) as e:
         message = re.sub(r"\s*\n\s*", " ", str(e).strip())  # one line, whatever the message held
+        if len(message) > MAX_MESSAGE:  # values are cut where they are echoed; this is the backstop
+            message = message[:MAX_MESSAGE - 1] + "…"
         print(f"imgclf {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

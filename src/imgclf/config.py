@@ -821,6 +821,10 @@ def config_hash(cfg: Config, length: int = 8) -> str:
     flat = _flatten(cfg.to_dict())
     dropped = _non_semantic_keys()
     kept = {k: v for k, v in flat.items() if k not in dropped}
+    if cfg.dataset.dataset_dir:
+        # An explicit folder selects the data: rows that differ only there are different runs.
+        # (Empty, the default, stays out of the hash so that every other run keeps its id.)
+        kept["dataset.dataset_dir"] = cfg.dataset.dataset_dir
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:length]
 
 

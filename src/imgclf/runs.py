@@ -5,11 +5,15 @@ paths, so equal rows of different tables share one run.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-import yaml
-
 from imgclf import config as C
+from imgclf.utils import InputError, read_yaml
+
+# What makes a folder a run: a checkpoint or a finished result. A folder holding only its
+# config.yaml (a run refused or killed before its first checkpoint) is not one yet.
+RUN_STATE = ("checkpoint.pt", "checkpoint.prev.pt", "model.pt", "result.json", "eval.json")
 
 
 def run_id(cfg: C.Config) -> str:
@@ -22,26 +26,53 @@ def default_dir(cfg: C.Config, root: str | Path = "results/runs") -> Path:
 
 def prepare(cfg: C.Config, run_dir: str | Path, *, resume: bool) -> Path:
     """Write the resolved config into ``run_dir`` (atomically). An existing run directory
-    must hold the same config and seed; without ``resume`` it must not hold a checkpoint."""
+    must hold the same config and seed; without ``resume`` it must not hold a checkpoint.
+    A folder that never reached its first checkpoint holds no run: its config is replaced, so a
+    corrected command works after a refused or crashed one."""
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
-    if path.is_file():
+    if path.is_file() and has_run(run_dir):
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = read_yaml(path, "the run's resolved config") or {}
             if not isinstance(data, dict):
                 raise C.ConfigError("not a mapping of config keys")
             old = C.from_dict(data)
-        except (C.ConfigError, yaml.YAMLError) as e:
-            mark = getattr(e, "problem_mark", None)
-            why = f"not valid YAML at line {mark.line + 1}" if mark else (getattr(e, "problem", None) or str(e))
+        except (C.ConfigError, InputError) as e:
+            why = str(e).removeprefix(f"{path}: ").removeprefix(str(path))
             raise C.ConfigError(f"{path}: existing config is unreadable ({why}); remove the run directory") from None
         if C.config_hash(old) != C.config_hash(cfg) or old.train.seed != cfg.train.seed:
             changed = ", ".join(sorted(set(C.diff(cfg, old)) - {"train.output_dir", "data_root"})[:4])
             raise C.ConfigError(f"{run_dir}: holds a run of a different config ({changed}); "
                                 "choose another --output-dir")
-        if not resume and ((run_dir / "checkpoint.pt").exists() or (run_dir / "result.json").exists()):
+        if not resume:
             raise C.ConfigError(f"{run_dir}: already holds a run; pass --resume to continue it or choose "
                                 "another --output-dir")
     cfg.train.output_dir = str(run_dir)
     C.dump(cfg, path)
     return run_dir
+
+
+def has_run(run_dir: str | Path) -> bool:
+    return any((Path(run_dir) / name).exists() for name in RUN_STATE)
+
+
+def verify(run_dir: str | Path, cfg: C.Config, result: dict) -> None:
+    """A finished run directory against its own recorded identity: the config hash and seed that
+    result.json recorded when the run was trained, and the <run_id>/seed<k> folder names. An edited
+    config.yaml would otherwise have ``imgclf evaluate`` score the old weights under a new config."""
+    run_dir = Path(run_dir)
+    recorded = result.get("config_hash")
+    now = C.config_hash(cfg)
+    if recorded is not None and recorded != now:
+        raise C.ConfigError(f"{run_dir / 'config.yaml'}: changed after the run was trained (config hash {now}, "
+                            f"trained as {str(recorded)[:16]}); restore it or train the run again")
+    seed = result.get("seed")
+    if seed is not None and seed != cfg.train.seed:
+        raise C.ConfigError(f"{run_dir / 'config.yaml'}: train.seed {cfg.train.seed} differs from the trained "
+                            f"seed {str(seed)[:24]}; restore it or train the run again")
+    if re.fullmatch(r"seed\d+", run_dir.name) and run_dir.name != f"seed{cfg.train.seed}":
+        raise C.ConfigError(f"{run_dir}: holds train.seed {cfg.train.seed}, not the folder's {run_dir.name}")
+    parent = run_dir.resolve().parent.name
+    if re.fullmatch(r"[a-z0-9]+-[a-z_]+-[0-9a-f]{8}", parent) and parent != run_id(cfg):
+        raise C.ConfigError(f"{run_dir / 'config.yaml'}: resolves to run {run_id(cfg)}, not the folder's "
+                            f"{parent}; restore it or train the run again")

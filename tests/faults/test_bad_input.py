@@ -133,9 +133,11 @@ def _table_case(name: str, text: str, expect: list[str]) -> Case:
     return Case(name, table(), ["bad_table.yaml", *expect], {"bad_table.yaml": text})
 
 
-def _existing_run(**overrides):
+def _existing_run(checkpoint: bool = False, **overrides):
     def setup(tmp: Path) -> None:
         make_run(tmp / OUT, **overrides)
+        if checkpoint:  # a run that got going: a folder with only its config.yaml is not a run yet
+            (tmp / OUT / "checkpoint.pt").write_bytes(b"a checkpoint")
     return setup
 
 
@@ -396,12 +398,12 @@ CASES: list[Case] = [
     Case("evaluate/corrupt-model-pt", ["evaluate", "--run", OUT], [f"{OUT}/model.pt"],
          {f"{OUT}/model.pt": b"garbage", f"{OUT}/result.json": "{}"}, setup=_existing_run()),
     Case("resume/different-config", digits(*_tiny(**{"model.resnet_preact.depth": 14}), resume=True),
-         [OUT, "different config", "model.resnet_preact.depth"], setup=_existing_run()),
+         [OUT, "different config", "model.resnet_preact.depth"], setup=_existing_run(checkpoint=True)),
     Case("resume/different-seed", digits(*_tiny(**{"train.seed": 5}), resume=True),
-         [OUT, "different config", "train.seed"], setup=_existing_run()),
+         [OUT, "different config", "train.seed"], setup=_existing_run(checkpoint=True)),
     Case("resume/finished-without-resume", digits(*_tiny()), [OUT, "--resume"], setup=_finished_run),
     Case("resume/unreadable-config", digits(*_tiny(), resume=True), [OUT, "config.yaml", "unreadable"],
-         {f"{OUT}/config.yaml": "train: [1,\n"}),
+         {f"{OUT}/config.yaml": "train: [1,\n", f"{OUT}/checkpoint.pt": b"a checkpoint"}),
 ]
 
 

@@ -44,7 +44,8 @@ def evaluate_run(run_dir) -> dict:
     from imgclf.config import precision as precision_name
     from imgclf.data import load as load_data
     from imgclf.models import build as build_model
-    from imgclf.utils import read_json, write_json
+    from imgclf.runs import verify
+    from imgclf.utils import read_json_object, write_json
 
     from .precision import Precision
     from .trainer import load_run_config, select_device
@@ -55,8 +56,9 @@ def evaluate_run(run_dir) -> dict:
     if not (run_dir / "result.json").is_file():
         raise FileNotFoundError(f"{run_dir}: result.json and model.pt missing; is the run finished?")
     cfg = load_run_config(run_dir)
-    result = read_json(run_dir / "result.json")
-    if isinstance(result, dict) and result.get("diverged"):
+    result = read_json_object(run_dir / "result.json", "the run's result (a JSON object)")
+    verify(run_dir, cfg, result)
+    if result.get("diverged"):
         out = {"diverged": True, "test_error": None, "test_loss": None, "message": result.get("message"),
                "seed": cfg.train.seed, "epochs": result.get("epochs")}
         write_json(run_dir / "eval.json", out)
@@ -76,7 +78,6 @@ def evaluate_run(run_dir) -> dict:
     images, labels = data.test_images.to(device), data.test_labels.to(device)
     out = evaluate(model, images, labels, EvalTransform(*data.normalization, device),
                    batch_size=cfg.validation.batch_size, precision=prec)
-    result = read_json(run_dir / "result.json")
     out.update({"train_seconds": result.get("train_seconds"), "wall_seconds": result.get("wall_seconds"),
                 "gpu": result.get("gpu"), "epochs": result.get("epochs"), "seed": cfg.train.seed,
                 "n_params": result.get("n_params"), "diverged": bool(result.get("diverged", False))})

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import yaml
 
 from imgclf import __version__, config as C
 from imgclf.augment.dual_cutout import per_view_model
@@ -57,10 +56,12 @@ def load_run_config(run_dir: str | Path) -> C.Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; a run directory starts with its resolved config.yaml")
+    from imgclf.utils import InputError, read_yaml
+
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise C.ConfigError(f"{path}: not valid YAML ({getattr(e, 'problem', e)}); remove the run directory") from None
+        data = read_yaml(path, "the run's resolved config") or {}
+    except InputError as e:
+        raise C.ConfigError(f"{e}; remove the run directory") from None
     if not isinstance(data, dict):
         raise C.ConfigError(f"{path}: expected a mapping of config keys; remove the run directory")
     try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from imgclf.utils import atomic_write_text
+from imgclf.utils import InputError, atomic_write_text, read_json_object
 
 from .spec import Row, Table
 
@@ -28,17 +28,26 @@ def run_files(table: Table, runs_dir: str | Path = "results/runs") -> list[Path]
             for row in table.rows if row.run_id for s in row.seeds]
 
 
+def _valid_error(error: Any) -> bool:
+    """A test error in percent: a number in [0, 100] (NaN: a diverged seed)."""
+    if isinstance(error, bool) or not isinstance(error, (int, float)):
+        return False
+    return math.isnan(error) or 0.0 <= error <= 100.0
+
+
 def _read_seed(run_dir: Path) -> dict[str, Any] | None:
+    """A seed's eval.json (else result.json); a damaged file, or one holding an impossible test
+    error (-12.5 %), counts as not there: the seed is trained again, never shown."""
     for name in ("eval.json", "result.json"):
         path = run_dir / name
         if path.is_file():
             try:
-                data = json.loads(path.read_text())
-            except ValueError:
+                data = read_json_object(path)
+            except (InputError, OSError):
                 continue
-            error = data.get("test_error") if isinstance(data, dict) else "unreadable"
-            if error is not None and (isinstance(error, bool) or not isinstance(error, (int, float))):
-                continue  # a damaged file counts as not there
+            error = data.get("test_error")
+            if error is not None and not _valid_error(error):
+                continue
             if name == "result.json":
                 data.setdefault("train_seconds", data.get("train_seconds"))
             return data
@@ -63,8 +72,9 @@ def aggregate(table: Table, runs_dir: str | Path = "results/runs", partial: bool
                     seeds.append(data)
         records.append(_record(row, seeds))
     if missing and not partial:
-        raise FileNotFoundError(f"{len(missing)} seed(s) of table '{table.name}' have not finished, e.g. "
-                                f"{missing[0]}; run the workflow, or pass --partial")
+        raise FileNotFoundError(f"{len(missing)} seed(s) of table '{table.name}' have not finished (or hold "
+                                f"an unreadable or impossible result), e.g. {missing[0]}; run the workflow, "
+                                "or pass --partial")
     # object columns keep each value as the spec wrote it (no 128 -> 128.0 for a column with gaps)
     return pd.DataFrame(records, dtype=object)
 
@@ -108,10 +118,25 @@ def format_seconds(seconds: float | None) -> str:
     return f"{s}s"
 
 
+def _number(x: Any) -> float | None:
+    """A reported value as a number when it is one (6.47, "6.47"), else None ("N/A", "6.4*")."""
+    if isinstance(x, bool) or x is None:
+        return None
+    if isinstance(x, (int, float)):
+        return None if math.isnan(x) else float(x)
+    try:
+        value = float(str(x))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def _num(x: Any) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return ""
-    return f"{x:.2f}"
+    """Two decimals for a number; any other reported value verbatim (it is only printed)."""
+    value = _number(x)
+    if value is not None:
+        return f"{value:.2f}"
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x)
 
 
 def _ours(r: dict[str, Any]) -> str:
@@ -153,8 +178,9 @@ def display_frame(table: Table, frame: pd.DataFrame) -> pd.DataFrame:
     for r in frame_records(frame):
         ours_done = bool(r["trained"]) and r["n_done"] > 0
         delta = ""
-        if ours_done and _present(r["reported_result"]) and _present(r["test_error_median"]):
-            delta = f"{r['test_error_median'] - r['reported_result']:+.2f}"
+        reported = _number(r["reported_result"])
+        if ours_done and reported is not None and _present(r["test_error_median"]):
+            delta = f"{float(r['test_error_median']) - reported:+.2f}"
         ref_time = _text(r["reported_time"])
         if ref_time and _present(r.get("reported_hardware")):
             ref_time += f" ({r['reported_hardware']})"
@@ -177,8 +203,16 @@ def display_frame(table: Table, frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, dtype=object)
 
 
+def _markdown_cell(text: Any) -> str:
+    """A cell of a Markdown table: '|' escaped and line breaks flattened, or the row breaks apart."""
+    return " ".join(str(text).split("\n")).replace("\r", " ").replace("|", "\\|")
+
+
 def render_markdown(table: Table, frame: pd.DataFrame) -> str:
-    body = display_frame(table, frame).to_markdown(index=False, tablefmt="github", disable_numparse=True)
+    shown = display_frame(table, frame)
+    shown = shown.map(_markdown_cell) if len(shown) else shown
+    shown.columns = [_markdown_cell(c) for c in shown.columns]
+    body = shown.to_markdown(index=False, tablefmt="github", disable_numparse=True)
     out = f"## {table.title}\n\n{body}\n"
     if table.notes:
         out += "\n" + table.notes.strip() + "\n"

@@ -32,6 +32,7 @@ from typing import Any
 
 from imgclf import config as C
 from imgclf.runs import run_id
+from imgclf.utils import clip
 
 ROW_KEYS = {"id", "label", "recipe", "overrides", "cells", "resources", "reported", "train", "seeds"}
 TABLE_KEYS = {"title", "seeds", "columns", "notes", "rows", "description"}
@@ -41,8 +42,10 @@ _ID = re.compile(r"[a-z0-9][a-z0-9_]*")  # used with fullmatch: '$' would let "i
 
 
 def _seeds_ok(seeds: Any) -> bool:
+    """A non-empty list of distinct integer seeds: 'median of 3 runs' must be three runs."""
     return isinstance(seeds, list) and bool(seeds) and all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= C.INT_LIMIT for s in seeds) \
+        and len(set(seeds)) == len(seeds)
 
 
 def _resource_ok(key: str, value: Any) -> bool:
@@ -51,6 +54,11 @@ def _resource_ok(key: str, value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         return False
     return key == "mem_gb" or isinstance(value, int)
+
+
+def _show(value: Any) -> str:
+    """A name from the spec as the message shows it: quoted, or cut when it is not a short string."""
+    return f"'{value}'" if isinstance(value, str) and len(value) <= 60 and "\n" not in value else clip(value)
 
 
 class SpecError(ValueError):
@@ -99,12 +107,12 @@ def load(path: str | Path, recipes_dir: str | Path = "config/recipes") -> Table:
     unknown = set(data) - TABLE_KEYS
     if unknown:
         key = sorted(unknown)[0]
-        raise SpecError(f"{where}unknown top-level key '{key}'{_closest(key, TABLE_KEYS)}")
+        raise SpecError(f"{where}unknown top-level key {_show(key)}{_closest(str(key)[:100], TABLE_KEYS)}")
     if not isinstance(data.get("title"), str):
         raise SpecError(f"{where}'title' must be a string")
     seeds = data.get("seeds", [0, 1, 2])
     if not _seeds_ok(seeds):
-        raise SpecError(f"{where}'seeds' must be a non-empty list of integers >= 0, got {seeds!r}")
+        raise SpecError(f"{where}'seeds' must be a non-empty list of distinct integers >= 0, got {clip(seeds)}")
     columns = data.get("columns", [])
     if not (isinstance(columns, list) and all(isinstance(c, str) for c in columns)):
         raise SpecError(f"{where}'columns' must be a list of column names")
@@ -122,13 +130,13 @@ def _row(raw: Any, i: int, where: str, seen: set[str], table: Table, recipes_dir
     if not isinstance(raw, dict):
         raise SpecError(f"{where}rows[{i}] must be a mapping")
     rid = raw.get("id")
-    at = f"{where}row '{rid}': " if rid else f"{where}rows[{i}]: "
+    at = f"{where}row {_show(rid)}: " if rid else f"{where}rows[{i}]: "
     unknown = set(raw) - ROW_KEYS
     if unknown:
         key = sorted(unknown)[0]
-        raise SpecError(f"{at}unknown key '{key}'{_closest(key, ROW_KEYS)}")
+        raise SpecError(f"{at}unknown key {_show(key)}{_closest(str(key)[:100], ROW_KEYS)}")
     if not isinstance(rid, str) or not _ID.fullmatch(rid):
-        raise SpecError(f"{at}'id' must match [a-z0-9][a-z0-9_]*, got {rid!r}")
+        raise SpecError(f"{at}'id' must match [a-z0-9][a-z0-9_]*, got {clip(rid)}")
     if rid in seen:
         raise SpecError(f"{at}duplicate row id '{rid}'")
     seen.add(rid)
@@ -146,14 +154,14 @@ def _row(raw: Any, i: int, where: str, seen: set[str], table: Table, recipes_dir
         bad = set(locals()[key]) - valid
         if bad:
             k = sorted(bad)[0]
-            raise SpecError(f"{at}unknown {key} key '{k}'{_closest(k, valid)}")
+            raise SpecError(f"{at}unknown {key} key {_show(k)}{_closest(str(k)[:100], valid)}")
     for key, value in resources.items():
         if not _resource_ok(key, value):
             want = "a string" if key == "partition" else "a number >= 0" if key == "mem_gb" else "an integer >= 0"
-            raise SpecError(f"{at}resources.{key}: expected {want}, got {value!r}")
+            raise SpecError(f"{at}resources.{key}: expected {want}, got {clip(value)}")
     bad_keys = [k for k in overrides if not isinstance(k, str) or not k]
     if bad_keys:
-        raise SpecError(f"{at}override key {bad_keys[0]!r} is not a config key like 'train.base_lr'")
+        raise SpecError(f"{at}override key {clip(bad_keys[0])} is not a config key like 'train.base_lr'")
     bad_cells = set(cells) - set(table.columns)
     if bad_cells:
         raise SpecError(f"{at}cell '{sorted(bad_cells)[0]}' is not a declared column (columns: {table.columns})")
@@ -164,12 +172,12 @@ def _row(raw: Any, i: int, where: str, seen: set[str], table: Table, recipes_dir
         raise SpecError(f"{at}'train' must be true or false")
     seeds = raw.get("seeds", table.seeds)
     if not _seeds_ok(seeds):
-        raise SpecError(f"{at}'seeds' must be a non-empty list of integers >= 0, got {seeds!r}")
+        raise SpecError(f"{at}'seeds' must be a non-empty list of distinct integers >= 0, got {clip(seeds)}")
     recipe = recipes_dir / raw["recipe"]
     if Path(raw["recipe"]).is_absolute() or not recipe.resolve().is_relative_to(recipes_dir.resolve()):
-        raise SpecError(f"{at}recipe '{raw['recipe']}' must be a path inside {recipes_dir}/ (e.g. cifar/wrn.yaml)")
+        raise SpecError(f"{at}recipe {_show(raw['recipe'])} must be a path inside {recipes_dir}/ (e.g. cifar/wrn.yaml)")
     if not recipe.is_file():
-        raise SpecError(f"{at}recipe '{raw['recipe']}' not found under {recipes_dir}/")
+        raise SpecError(f"{at}recipe {_show(raw['recipe'])} not found under {recipes_dir}/")
     row = Row(rid, raw["label"], raw["recipe"], overrides, cells, resources, reported, train, list(seeds))
     try:
         cfg = C.build(recipe, overrides)
