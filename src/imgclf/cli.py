@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -41,9 +42,18 @@ def cmd_train(args) -> int:
         from imgclf.engine.trainer import select_device
 
         Precision(C.precision(cfg), select_device(cfg))  # e.g. O1/O3 (fp16) without CUDA
-    d = data.load(cfg.dataset.name, root=cfg.data_root, folder=cfg.dataset.dataset_dir or None)
+        ranks = int(os.environ.get("WORLD_SIZE", "1") or 1)  # torchrun's, else one process
+    else:
+        ranks = args.tasks if args.gpus == 0 else args.gpus
+    if cfg.train.dist.world_size > 0 and cfg.train.dist.world_size != ranks:
+        raise C.ConfigError(f"train.dist.world_size: {cfg.train.dist.world_size} but this command starts {ranks} "
+                            "process(es); use launcher local/slurm with that many --tasks or --gpus (-1 = any)")
+    folder = cfg.dataset.dataset_dir or None
+    d = data.load(cfg.dataset.name, root=cfg.data_root, folder=folder, write_cache=False)
     _preflight_data(cfg, d)
     out = args.output_dir or cfg.train.output_dir or runs.default_dir(cfg)
+    runs.check_target(cfg, out, resume=args.resume or cfg.train.resume)
+    data.store(d, folder, root=cfg.data_root)  # accepted: cached once, for the run to read
     run_dir = runs.prepare(cfg, out, resume=args.resume or cfg.train.resume)
     resources = Resources(tasks=args.tasks, gpus=args.gpus)
     result = run(run_dir, launcher=args.launcher, resources=resources, progress=not args.quiet)

@@ -30,6 +30,15 @@ def prepare(cfg: C.Config, run_dir: str | Path, *, resume: bool) -> Path:
     A folder that never reached its first checkpoint holds no run: its config is replaced, so a
     corrected command works after a refused or crashed one."""
     run_dir = Path(run_dir)
+    check_target(cfg, run_dir, resume=resume)
+    cfg.train.output_dir = str(run_dir)
+    C.dump(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def check_target(cfg: C.Config, run_dir: str | Path, *, resume: bool) -> None:
+    """What :func:`prepare` refuses, without writing anything."""
+    run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
     if path.is_file() and has_run(run_dir):
         try:
@@ -47,9 +56,6 @@ def prepare(cfg: C.Config, run_dir: str | Path, *, resume: bool) -> Path:
         if not resume:
             raise C.ConfigError(f"{run_dir}: already holds a run; pass --resume to continue it or choose "
                                 "another --output-dir")
-    cfg.train.output_dir = str(run_dir)
-    C.dump(cfg, path)
-    return run_dir
 
 
 def has_run(run_dir: str | Path) -> bool:

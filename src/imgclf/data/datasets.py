@@ -8,7 +8,7 @@ import shutil
 import tarfile
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,6 +56,7 @@ class Data:
     classes: list[str]
     mean: list[float]  # of the training images, in [0, 1]
     std: list[float]
+    cached: bool = field(default=False, repr=False, compare=False)  # read from, or written to, the cache
 
     @property
     def normalization(self) -> tuple[list[float], list[float]]:
@@ -139,34 +140,63 @@ def _fingerprint(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load(name: str, root: str | Path | None = None, folder: str | Path | None = None, use_cache: bool = True) -> Data:
-    """Read a dataset (decoding once into a cached tensor file) and return it in memory."""
+def load(name: str, root: str | Path | None = None, folder: str | Path | None = None, use_cache: bool = True,
+         write_cache: bool = True) -> Data:
+    """Read a dataset (decoding once into a cached tensor file) and return it in memory. With
+    ``write_cache=False`` a freshly decoded dataset is not cached yet: the caller checks it against
+    the config first, then calls :func:`store` (nothing is written for a refused command)."""
     name = canonical_name(name)
     folder = Path(folder) if folder else data_root(str(root or "")) / DATASETS[name].folder
     cache = cache_path(name)
     if use_cache and cache.is_file():
         try:
             blob = torch.load(cache, weights_only=True)
-            if blob.get("version") == CACHE_VERSION and (
-                    blob.get("fingerprint") in ("builtin", _fingerprint(folder)) or not folder.exists()):
+            if blob.get("version") == CACHE_VERSION and _cache_serves(blob, name, folder):
                 return Data(name, *(blob[k] for k in ("train_images", "train_labels", "test_images",
-                                                      "test_labels", "classes", "mean", "std")))
+                                                      "test_labels", "classes", "mean", "std")), cached=True)
         except Exception:  # a damaged cache is rebuilt from the source files
             pass
     raw = _read(name, folder)
     mean, std = _stats(raw["train"][0])
     data = Data(name, *raw["train"], *raw["test"], list(raw["classes"]), mean, std)
-    if use_cache:
-        _write_cache(cache, data, _fingerprint(folder) if DATASETS[name].reader != "digits" else "builtin")
+    if use_cache and write_cache:
+        store(data, folder)
     return data
 
 
-def _write_cache(path: Path, data: Data, fingerprint: str) -> None:
+def _source(name: str, folder: Path) -> str:
+    """The folder a cache was decoded from, as an absolute path ('builtin' for the digits)."""
+    return "builtin" if DATASETS[name].reader == "digits" else str(folder.resolve())
+
+
+def _cache_serves(blob: dict, name: str, folder: Path) -> bool:
+    """A cache answers for the folder it was decoded from: unchanged, or gone (sources deleted
+    after caching). A folder that is not there never gets another folder's cache."""
+    if blob.get("fingerprint") == "builtin":
+        return DATASETS[name].reader == "digits"
+    if blob.get("source") != _source(name, folder):
+        return False
+    return not folder.exists() or blob.get("fingerprint") == _fingerprint(folder)
+
+
+def store(data: Data, folder: str | Path | None = None, root: str | Path | None = None) -> None:
+    """Cache a dataset returned by ``load(..., write_cache=False)`` once it has been accepted."""
+    if data.cached:
+        return
+    name = data.name
+    folder = Path(folder) if folder else data_root(str(root or "")) / DATASETS[name].folder
+    builtin = DATASETS[name].reader == "digits"
+    _write_cache(cache_path(name), data, "builtin" if builtin else _fingerprint(folder), _source(name, folder))
+    data.cached = True
+
+
+def _write_cache(path: Path, data: Data, fingerprint: str, source: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save({"version": CACHE_VERSION, "fingerprint": fingerprint, "train_images": data.train_images,
+        torch.save({"version": CACHE_VERSION, "fingerprint": fingerprint, "source": source,
+                    "train_images": data.train_images,
                     "train_labels": data.train_labels, "test_images": data.test_images,
                     "test_labels": data.test_labels, "classes": data.classes, "mean": data.mean,
                     "std": data.std}, tmp)
@@ -183,15 +213,23 @@ def prepare(name: str, root: str | Path, source: str | Path | None = None, downl
     target = Path(root) / DATASETS[name].folder
     if source is None and download and DATASETS[name].folder and not target.is_dir():
         fetch(name, target)
-    if source is not None:
-        source = Path(source)
-        if not source.exists():
-            raise DataError(f"{source}: not found (expected an archive .tar.gz/.tgz or a folder)")
+    if source is None:
+        return load(name, root=root, folder=target if DATASETS[name].folder else None)
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"{source}: not found (expected an archive .tar.gz/.tgz or a folder)")
+    created = not target.exists()
+    try:
         if source.is_dir():
             _copy_tree(source, target)
         else:
             _unpack(source, target, name)
-    return load(name, root=root, folder=target if DATASETS[name].folder else None)
+        return load(name, root=root, folder=target if DATASETS[name].folder else None)
+    except BaseException:
+        # A refused source leaves no half-prepared folder behind for the next (good) one to merge into.
+        if created and target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        raise
 
 
 # torchvision's downloaders fetch the official releases and verify their published MD5s.
@@ -233,7 +271,19 @@ def _copy_tree(src: Path, target: Path) -> None:
         return
     # A folder that itself holds <dataset>/train (like the archive's top level) or train/ directly.
     inner = src / target.name
-    shutil.copytree(inner if inner.is_dir() else src, target, dirs_exist_ok=True)
+    src = inner if inner.is_dir() else src
+    _refuse_linked_dirs(src)
+    shutil.copytree(src, target, dirs_exist_ok=True)
+
+
+def _refuse_linked_dirs(src: Path) -> None:
+    """A dataset folder holds plain folders: a symlinked directory (to '..', say) would make the
+    copy follow it without end. Checked before anything is copied."""
+    for dirpath, dirnames, _ in os.walk(src):  # os.walk never follows links itself
+        for d in dirnames:
+            if (Path(dirpath) / d).is_symlink():
+                raise DataError(f"{Path(dirpath) / d}: a symbolic link to a directory; `imgclf data --from` "
+                                "copies plain folders only (copy or move the linked folder in)")
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -266,10 +316,12 @@ def _unpack(archive: Path, target: Path, name: str) -> None:
         batches_dir = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}.get(name)
         for cand in [staging, *sorted(p for p in staging.rglob("*") if p.is_dir())]:
             if (cand / "train").is_dir() and (cand / "test").is_dir():
+                _refuse_linked_dirs(cand)
                 _place(cand, target)
                 return
             if batches_dir and ((cand / "test_batch").is_file() or (cand / "test").is_file()):
                 # The batches go to <target>/<official folder name>, wherever the archive kept them.
+                _refuse_linked_dirs(cand)
                 _place(cand, target / batches_dir)
                 return
         raise DataError(f"{archive}: holds neither CIFAR python batches nor train/ and test/ image folders")

@@ -6,9 +6,15 @@ A missing or damaged file raises :class:`DataError` naming the file and what was
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import io
+import math
+import os
 import pickle
+import sys
+import tempfile
 import warnings
 import zlib
 from pathlib import Path
@@ -65,15 +71,48 @@ def read_digits(_folder: Path | None = None) -> dict:
     return {"train": as_split(train_idx), "test": as_split(test_idx), "classes": [str(i) for i in range(10)]}
 
 
-def _open_idx(folder: Path, stem: str) -> tuple[bytes, Path]:
+# The published MD5s of the released .gz files (torchvision's download lists): the check for a
+# dataset whose decompressed MD5s were never published (KMNIST).
+IDX_GZ_MD5 = {
+    "KMNIST": {
+        "train-images-idx3-ubyte": "bdb82020997e1d708af4cf47b453dcf7",
+        "train-labels-idx1-ubyte": "e144d726b3acfaa3e44228e80efcd344",
+        "t10k-images-idx3-ubyte": "5c965bf0a639b31b8f53240b1b52f4d7",
+        "t10k-labels-idx1-ubyte": "7320c461ea6c1c855c0b718fb2a4b134",
+    },
+}
+
+
+def _idx_limit(stem: str) -> int:
+    """The most bytes an official IDX file of this kind holds: a file, or a gzip stream inflating
+    (a gzip bomb), beyond it is refused before anything that size is allocated."""
+    n = max(IDX_SIZES.values())
+    return 16 + n * 28 * 28 if "images" in stem else 8 + n
+
+
+def _open_idx(folder: Path, stem: str) -> tuple[bytes, Path, bytes | None]:
+    """(decompressed bytes, path, the .gz file's own bytes or None for a plain file)."""
+    limit = _idx_limit(stem)
     for name in (stem, stem + ".gz"):
         path = folder / name
-        if path.is_file():
-            try:
-                raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
-            except (OSError, EOFError, zlib.error) as e:
-                raise DataError(f"{path}: cannot decompress ({e}); the file is truncated or corrupt") from None
-            return raw, path
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        # deflate never grows data by more than a few bytes per 16 KB block (stored blocks)
+        if size > limit + limit // 64 + 1024:
+            raise DataError(f"{path}: {size:,} bytes, more than the {limit:,} of an official {stem}")
+        packed = path.read_bytes()
+        if not name.endswith(".gz"):
+            return packed, path, None
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(packed)) as f:
+                raw = f.read(limit + 1)
+                if len(raw) > limit:
+                    raise DataError(f"{path}: inflates to more than the {limit:,} bytes of an official {stem} "
+                                    "(a gzip bomb?)")
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: cannot decompress ({e}); the file is truncated or corrupt") from None
+        return raw, path, packed
     raise DataError(f"{folder}: missing {stem}[.gz] (expected the four IDX files of the official release)")
 
 
@@ -82,24 +121,46 @@ def _parse_idx(raw: bytes, path: Path, expected_ndim: int) -> np.ndarray:
         raise DataError(f"{path}: not an IDX file of {expected_ndim} dimension(s) of uint8")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(expected_ndim)]
     offset = 4 + 4 * expected_ndim
-    if len(raw) != offset + int(np.prod(dims)):
-        raise DataError(f"{path}: size {len(raw)} bytes does not match its header {dims}; the file is truncated")
+    # math.prod, not np.prod: a header claiming 2^31 x 2^31 images must not wrap around int64.
+    if len(raw) != offset + math.prod(dims):
+        raise DataError(f"{path}: size {len(raw)} bytes does not match its header {dims}; the file is truncated"
+                        " or its header is wrong")
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _check_md5(name: str, stem: str, path: Path, raw: bytes, packed: bytes | None) -> DataError | None:
+    """The published checksum of the decompressed file where known (whatever its compression),
+    else of the released .gz file: a dataset with published checksums accepts no file it cannot
+    check (that error is returned, for the caller to raise once the structure is judged)."""
+    want = IDX_MD5.get(name, {}).get(stem)
+    if want:
+        if (got := hashlib.md5(raw).hexdigest()) != want:
+            raise DataError(f"{path}: MD5 {got} != published {want}; re-download it")
+        return None
+    want = IDX_GZ_MD5.get(name, {}).get(stem)
+    if not want:
+        return None
+    if packed is None:
+        return DataError(f"{path}: {name} is checked against the published MD5s of its released .gz files; "
+                         f"place {stem}.gz as downloaded (`imgclf data {name.lower()} --download`)")
+    if (got := hashlib.md5(packed).hexdigest()) != want:
+        raise DataError(f"{path}: MD5 {got} != published {want} (of the released .gz); re-download it")
+    return None
 
 
 def read_idx(folder: Path, name: str) -> dict:
     """MNIST / Fashion-MNIST / KMNIST in the official IDX layout, gzip-compressed or not."""
     out: dict = {"classes": IDX_CLASSES[name]}
+    unverifiable: list[DataError] = []
     for split, prefix in (("train", "train"), ("test", "t10k")):
         arrays = []
         for kind, ndim in (("images-idx3-ubyte", 3), ("labels-idx1-ubyte", 1)):
             stem = f"{prefix}-{kind}"
-            raw, path = _open_idx(folder, stem)
+            raw, path, packed = _open_idx(folder, stem)
             # Structure first (wrong magic / truncated say so precisely), then the published checksum.
             arrays.append(_parse_idx(raw, path, ndim))
-            want = IDX_MD5.get(name, {}).get(stem)
-            if want and (got := hashlib.md5(raw).hexdigest()) != want:
-                raise DataError(f"{path}: MD5 {got} != published {want}; re-download it")
+            if (error := _check_md5(name, stem, path, raw, packed)) is not None:
+                unverifiable.append(error)
         images, labels = arrays
         if len(images) != len(labels):
             raise DataError(f"{folder}: {split} has {len(images)} images but {len(labels)} labels")
@@ -112,6 +173,8 @@ def read_idx(folder: Path, name: str) -> dict:
         if images.shape[1:] != (28, 28):
             raise DataError(f"{folder}: {split} images are {images.shape[1:]}, expected 28x28")
         out[split] = (torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)))
+    if unverifiable:  # after the structure of all four, which says more about a broken set
+        raise unverifiable[0]
     return out
 
 
@@ -152,7 +215,7 @@ def read_cifar(folder: Path, name: str) -> dict:
     batches = _cifar_batches_dir(folder, name)
     if batches is None:
         if (folder / "train").is_dir() and (folder / "test").is_dir():
-            return read_image_folder(folder)
+            return _check_named(read_image_folder(folder), folder, name)
         raise DataError(
             f"{folder}: no CIFAR data; expected {'cifar-10-batches-py/' if name == 'CIFAR10' else 'cifar-100-python/'}"
             f" (the python batches) or train/ and test/ image folders; `imgclf data {name.lower()} --from ARCHIVE`"
@@ -198,16 +261,66 @@ def read_cifar(folder: Path, name: str) -> dict:
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
+def _check_named(out: dict, folder: Path, name: str) -> dict:
+    """An image folder standing for a named dataset must be that dataset: its image shape, its
+    class count and its official split sizes (a 2-class 4x4 folder is not CIFAR-10)."""
+    n_classes = 10 if name == "CIFAR10" else 100
+    if len(out["classes"]) != n_classes:
+        raise DataError(f"{folder}: {len(out['classes'])} class folders, but {name} has {n_classes}")
+    for split in ("train", "test"):
+        images = out[split][0]
+        if tuple(images.shape[1:]) != (3, 32, 32):
+            raise DataError(f"{folder / split}: images are {'x'.join(map(str, images.shape[1:]))}, but {name}'s "
+                            "are 3x32x32")
+        if len(images) != CIFAR_SIZES[split]:
+            raise DataError(f"{folder / split}: {len(images)} images, expected {name}'s official {CIFAR_SIZES[split]}")
+    return out
+
+
+@contextlib.contextmanager
+def _native_stderr():
+    """Collect what native decoders write to the process's stderr while images decode: libjpeg
+    reports a corrupt JPEG ('Corrupt JPEG data: ...') there and still returns pixels. Yields a
+    function returning what was written since its last call."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable fd 2: nothing to collect
+        yield lambda: ""
+        return
+    sink = tempfile.TemporaryFile()
+    seen = 0
+
+    def new() -> str:
+        nonlocal seen
+        size = os.fstat(sink.fileno()).st_size
+        if size == seen:
+            return ""
+        sink.seek(seen)
+        text = sink.read(min(size - seen, 4096)).decode(errors="replace")
+        seen = size
+        return text
+
+    os.dup2(sink.fileno(), 2)
+    try:
+        yield new
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        sink.close()
+
+
 def read_image_folder(folder: Path) -> dict:
     """``<folder>/<split>/<class>/*.png|jpg``; classes in sorted order, files in sorted order."""
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its decoders (one warning per image: 120,000 for CIFAR-10);
         # they still decode exactly, and the cache means this runs once per dataset.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _read_image_folder(folder)
+        with _native_stderr() as decoder_messages:
+            return _read_image_folder(folder, decoder_messages)
 
 
-def _read_image_folder(folder: Path) -> dict:
+def _read_image_folder(folder: Path, decoder_messages) -> dict:
     from torchvision.io import ImageReadMode, decode_image
 
     out: dict = {}
@@ -229,7 +342,10 @@ def _read_image_folder(folder: Path) -> dict:
                 try:
                     img = decode_image(str(path), mode=ImageReadMode.UNCHANGED)
                 except RuntimeError as e:
-                    raise DataError(f"{path}: cannot decode image ({e})") from None
+                    raise DataError(f"{path}: cannot decode image ({str(e).strip().splitlines()[-1][-200:]})") from None
+                warning = decoder_messages().strip()
+                if warning:  # decoded, but from damaged bytes: garbage pixels must not be cached
+                    raise DataError(f"{path}: corrupt image data ({warning.splitlines()[0][:120]})")
                 images.append(img)
                 labels.append(label)
         if not images:

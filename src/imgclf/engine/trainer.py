@@ -76,6 +76,11 @@ def select_device(cfg: C.Config, local_rank: int = 0) -> torch.device:
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: '{cfg.device}' requested but CUDA is not available (use auto or cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device: '{cfg.device}' requested but this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device: '{cfg.device}' requested but MPS is not available (use auto or cpu)")
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     return device
