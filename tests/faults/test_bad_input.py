@@ -1,7 +1,8 @@
 """A corpus of malformed inputs, each through the real CLI.
 
 Every case must end with: a non-zero exit (2), exactly one line on stderr, that line naming
-the offending file / key / value, and nothing created or changed under ``results/``.
+the offending file / key / value, and nothing created or changed anywhere in the working folder
+(``results/``, the dataset cache under ``resources/cache``, the data root).
 Run with ``-s`` to see the closing "bad inputs rejected cleanly: K/N" line (it is also
 written to the terminal report).
 """
@@ -432,6 +433,7 @@ def _report(request):
 
 def _prepare(case: Case, tmp: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp)
+    monkeypatch.setenv("IMGCLF_CACHE_DIR", str(tmp / "resources" / "cache"))  # inside the compared tree
     (tmp / "results").mkdir()
     (tmp / "data").mkdir()
     for rel, content in case.files.items():
@@ -458,7 +460,7 @@ def _judge(case: Case, rc: int, out: str, err: str, before: dict, after: dict, t
         return f"message lacks {missing}: {lines[0]!r}"
     if before != after:
         changed = sorted(set(before.items()) ^ set(after.items()))
-        return f"results/ changed: {changed[:3]}"
+        return f"the working folder changed: {changed[:3]}"
     if (tmp / "pwned").exists():
         return "a YAML/pickle payload was executed"
     return ""
@@ -467,7 +469,7 @@ def _judge(case: Case, rc: int, out: str, err: str, before: dict, after: dict, t
 @pytest.mark.parametrize("case", [c.param for c in CASES])
 def test_rejected_cleanly(case: Case, tmp_path, monkeypatch, capsys):
     _prepare(case, tmp_path, monkeypatch)
-    before = _snapshot(tmp_path / "results")
+    before = _snapshot(tmp_path)
     capsys.readouterr()
     try:
         rc = main(case.argv)
@@ -479,7 +481,7 @@ def test_rejected_cleanly(case: Case, tmp_path, monkeypatch, capsys):
         RESULTS.append((case.name, False, err.splitlines()[0]))
         raise
     out, err = capsys.readouterr()
-    why = _judge(case, rc, out, err, before, _snapshot(tmp_path / "results"), tmp_path)
+    why = _judge(case, rc, out, err, before, _snapshot(tmp_path), tmp_path)
     RESULTS.append((case.name, not why, why))
     assert not why, f"{case.name}: {why}"
 
@@ -496,10 +498,10 @@ SUBPROCESS = [
 @pytest.mark.parametrize("case", SUBPROCESS, ids=lambda c: c.id)
 def test_rejected_cleanly_in_a_process(case: Case, tmp_path, monkeypatch):
     _prepare(case, tmp_path, monkeypatch)
-    before = _snapshot(tmp_path / "results")
+    before = _snapshot(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
     p = subprocess.run(imgclf_cmd(*case.argv), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    why = _judge(case, p.returncode, p.stdout, p.stderr, before, _snapshot(tmp_path / "results"), tmp_path)
+    why = _judge(case, p.returncode, p.stdout, p.stderr, before, _snapshot(tmp_path), tmp_path)
     RESULTS.append((case.name, not why, why))
     assert not why, f"{case.name}: {why}"
 

@@ -66,13 +66,21 @@ def evaluate_run(run_dir) -> dict:
     if not (run_dir / "model.pt").is_file():
         raise FileNotFoundError(f"{run_dir / 'model.pt'}: missing; is the run finished?")
     device = select_device(cfg)
+
+    def unloadable(e: Exception) -> ValueError:  # truncated, corrupt or foreign: one line naming the file
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return ValueError(f"{run_dir / 'model.pt'}: cannot load the final weights ({msg[:200]}); re-run the seed")
+
+    try:  # the weights before the data: a refused evaluation writes no dataset cache
+        state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise unloadable(e) from None
     data = load_data(cfg.dataset.name, root=cfg.data_root, folder=cfg.dataset.dataset_dir or None)
     model = build_model(cfg, in_channels=data.n_channels, n_classes=cfg.dataset.n_classes or data.n_classes)
     try:
-        model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
-    except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign: one line naming the file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{run_dir / 'model.pt'}: cannot load the final weights ({msg}); re-run the seed") from None
+        model.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001
+        raise unloadable(e) from None
     prec = Precision(precision_name(cfg), device)
     model = prec.cast_model(model.to(device))
     images, labels = data.test_images.to(device), data.test_labels.to(device)

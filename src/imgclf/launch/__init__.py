@@ -9,6 +9,8 @@ torch, torchvision, numpy and pyyaml.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import threading
@@ -180,7 +182,22 @@ def submit(run_dir: str | Path, launcher: str = "debug", resources: Resources | 
     res = resources or Resources()
     ex = _submitit_executor(launcher, Path(run_dir) / "submitit", res)
     ex.update_parameters(name=job_name)
-    return ex.submit(TrainJob(run_dir, evaluate=evaluate))
+    # submitit prints sbatch's stderr itself, then raises with a traceback's worth of context:
+    # one line instead, naming the command and its last words (e.g. "Unable to contact slurm controller").
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return ex.submit(TrainJob(run_dir, evaluate=evaluate))
+    except FileNotFoundError as e:
+        raise SubmissionError(f"{run_dir}: cannot submit with launcher {launcher}: {e.filename or e} not found "
+                              "(use --launcher debug or local on a machine without SLURM)") from None
+    except Exception as e:  # noqa: BLE001 - submitit's FailedJobError, CalledProcessError, OSError
+        said = _last_line(e) if str(e).strip() else (captured.getvalue().strip().splitlines() or [type(e).__name__])[-1]
+        raise SubmissionError(f"{run_dir}: submission with launcher {launcher} failed: {said[:300]}") from None
+
+
+class SubmissionError(OSError):
+    """The scheduler refused or could not take a job (sbatch failed); the message is one line."""
 
 
 def _wait(job, what: str):
