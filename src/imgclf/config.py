@@ -359,6 +359,7 @@ _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # Every int is read into a C integer somewhere (torch seeds are int64, shapes int32): bounded
 # here, at resolution, not by an overflow deep inside a job.
 INT_LIMIT = 2**32 - 1
+MAX_OVERRIDE_CHARS = 10_000
 FLOAT_LIMIT = 1e9
 # (low, high, low inclusive, high inclusive) of numeric keys beyond "a number"; the rest of
 # validate() checks combinations. None = unbounded on that side.
@@ -387,7 +388,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "scheduler.lr_decay": (0, 1, False, True),
     "scheduler.lr_min_factor": (0, 1, True, True),
     "scheduler.T0": (0, None, False, True),
-    "scheduler.T_mul": (0, None, False, True),
+    "scheduler.T_mul": (1, None, True, True),
     "scheduler.warmup.epochs": (0, None, True, True),
     "scheduler.warmup.start_factor": (0, 1, False, True),
     "scheduler.warmup.exponent": (0, None, False, True),
@@ -531,6 +532,9 @@ def parse_scalar(text: str) -> Any:
     """A command-line value, read as YAML (``True``, ``0.2``, ``'[1, 2]'``, ``[80, 120]``)."""
     if not text.strip():
         return ""
+    if len(text) > MAX_OVERRIDE_CHARS:
+        raise ConfigError(f"override value {clip(text)}: {len(text):,} characters, more than any config value "
+                          f"needs (at most {MAX_OVERRIDE_CHARS:,})")
     try:
         return parse_yaml(text, "override value")
     except InputError as e:

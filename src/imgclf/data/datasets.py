@@ -218,7 +218,10 @@ def prepare(name: str, root: str | Path, source: str | Path | None = None, downl
     source = Path(source)
     if not source.exists():
         raise DataError(f"{source}: not found (expected an archive .tar.gz/.tgz or a folder)")
-    created = not target.exists()
+    created = target  # the outermost folder this command creates, removed again if it fails
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    created = None if target.exists() else created
     try:
         if source.is_dir():
             _copy_tree(source, target)
@@ -227,8 +230,8 @@ def prepare(name: str, root: str | Path, source: str | Path | None = None, downl
         return load(name, root=root, folder=target if DATASETS[name].folder else None)
     except BaseException:
         # A refused source leaves no half-prepared folder behind for the next (good) one to merge into.
-        if created and target.exists():
-            shutil.rmtree(target, ignore_errors=True)
+        if created is not None and created.exists():
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 

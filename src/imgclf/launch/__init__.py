@@ -180,13 +180,13 @@ def submit(run_dir: str | Path, launcher: str = "debug", resources: Resources | 
     if launcher not in ("local", "slurm"):
         raise ValueError(f"launcher: '{launcher}' cannot submit (one of local, slurm)")
     res = resources or Resources()
-    ex = _submitit_executor(launcher, Path(run_dir) / "submitit", res)
-    ex.update_parameters(name=job_name)
     # submitit prints sbatch's stderr itself, then raises with a traceback's worth of context:
     # one line instead, naming the command and its last words (e.g. "Unable to contact slurm controller").
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
+            ex = _submitit_executor(launcher, Path(run_dir) / "submitit", res)  # no srun: RuntimeError
+            ex.update_parameters(name=job_name)
             return ex.submit(TrainJob(run_dir, evaluate=evaluate))
     except FileNotFoundError as e:
         raise SubmissionError(f"{run_dir}: cannot submit with launcher {launcher}: {e.filename or e} not found "

@@ -46,7 +46,7 @@ def _read_seed(run_dir: Path) -> dict[str, Any] | None:
             except (InputError, OSError):
                 continue
             error = data.get("test_error")
-            if error is not None and not _valid_error(error):
+            if not (_valid_error(error) or (error is None and data.get("diverged"))):
                 continue
             if name == "result.json":
                 data.setdefault("train_seconds", data.get("train_seconds"))
@@ -80,7 +80,8 @@ def aggregate(table: Table, runs_dir: str | Path = "results/runs", partial: bool
 
 
 def _record(row: Row, seeds: list[dict[str, Any]]) -> dict[str, Any]:
-    finished = [s for s in seeds if not s.get("diverged") and not math.isnan(float(s.get("test_error", "nan")))]
+    finished = [s for s in seeds if not s.get("diverged") and _valid_error(s.get("test_error"))
+                and not math.isnan(s["test_error"])]
     errors = [float(s["test_error"]) for s in finished]
     times = [float(s["train_seconds"]) for s in finished if s.get("train_seconds") is not None]
     rep = row.reported
