@@ -172,8 +172,8 @@ def _source(name: str, folder: Path) -> str:
 def _cache_serves(blob: dict, name: str, folder: Path) -> bool:
     """A cache answers for the folder it was decoded from: unchanged, or gone (sources deleted
     after caching). A folder that is not there never gets another folder's cache."""
-    if blob.get("fingerprint") == "builtin":
-        return DATASETS[name].reader == "digits"
+    if blob.get("fingerprint") == "builtin":  # the bundled digits, or a synthetic set a test or benchmark injects
+        return True
     if blob.get("source") != _source(name, folder):
         return False
     return not folder.exists() or blob.get("fingerprint") == _fingerprint(folder)
@@ -190,7 +190,7 @@ def store(data: Data, folder: str | Path | None = None, root: str | Path | None 
     data.cached = True
 
 
-def _write_cache(path: Path, data: Data, fingerprint: str, source: str) -> None:
+def _write_cache(path: Path, data: Data, fingerprint: str, source: str = "builtin") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
