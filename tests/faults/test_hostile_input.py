@@ -187,7 +187,7 @@ RANGE_CASES = [
     ({"train.log_period": 0}, "train.log_period"),
     ({"model.resnet_preact.initial_channels": 0}, "model.resnet_preact.initial_channels"),
     ({"train.base_lr": 1e308}, "train.base_lr"),
-    ({"train.base_lr": 5000.0}, "train.base_lr"),
+    ({"train.base_lr": 1e10}, "train.base_lr"),
     ({"train.seed": 10**23}, "train.seed"),
     ({"train.seed": -1}, "train.seed"),
     ({"augmentation.random_crop.padding": -2}, "augmentation.random_crop.padding"),
