@@ -107,7 +107,9 @@ def test_yaml_alias_bomb_in_a_recipe(work, capsys):
 
 
 def test_yaml_alias_bomb_in_a_table_spec(work, capsys):
-    (work / "bomb_table.yaml").write_text(BOMB)
+    # A valid spec whose free-text 'description' holds the bomb: nothing checks that key's content.
+    body = "title: T\nrows: [{id: r, label: L, recipe: digits/resnet_preact.yaml}]\ndescription:\n"
+    (work / "bomb_table.yaml").write_text(body + "".join(f"  {line}\n" for line in BOMB.splitlines()))
     refused(work, capsys, ["table", work / "bomb_table.yaml", "--partial", "--recipes", RECIPES],
             "bomb_table.yaml", "alias")
 
@@ -152,12 +154,15 @@ def test_gzip_bomb_in_an_idx_file(work, capsys, monkeypatch):
     refused(work, capsys, digits_train("dataset.name", "MNIST"), "train-images-idx3-ubyte.gz", "gzip bomb")
 
 
-@pytest.mark.parametrize("dims", [[2**31, 2**31, 28], [2**32 - 1, 2**16, 2**16], [0, 28, 28]],
-                         ids=["2^31x2^31", "wraps-int64", "empty"])
-def test_idx_header_claiming_huge_counts(work, capsys, dims):
+@pytest.mark.parametrize("dims, payload", [([2**31, 2**31, 16], 0), ([2**31, 2**31, 16], 64),
+                                           ([2**32 - 1, 2**16, 2**16], 64), ([0, 28, 28], 64)],
+                         ids=["2^31x2^31x16-wraps-to-0", "2^31x2^31x16", "huge", "empty"])
+def test_idx_header_claiming_huge_counts(work, capsys, dims, payload):
+    # 2^31 * 2^31 * 16 = 2^66 wraps to 0 in int64: with no payload, a wrapping size check passes it.
     data = work / "data" / "kmnist"
     data.mkdir(parents=True)
-    (data / "train-images-idx3-ubyte").write_bytes(idx_bytes(dims, payload=bytes(64)))
+    header = bytes([0, 0, 0x08, 3]) + b"".join(d.to_bytes(4, "big") for d in dims)
+    (data / "train-images-idx3-ubyte").write_bytes(header + bytes(payload))
     refused(work, capsys, digits_train("dataset.name", "KMNIST"), "train-images-idx3-ubyte",
             "does not match its header")
 
