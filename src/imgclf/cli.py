@@ -1,4 +1,4 @@
-"""``imgclf train | evaluate | summary | table | data``.
+"""``imgclf train | evaluate | summary | table | status | cancel | data``.
 
 The reference README's commands run with ``python train.py`` -> ``imgclf train`` and
 ``configs/`` -> ``config/recipes/``; trailing ``KEY VALUE`` (or ``KEY=VALUE``) pairs override
@@ -156,6 +156,37 @@ def cmd_table(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from imgclf import status
+
+    print(status.render(status.table_status(args.spec, args.runs, args.recipes)))
+    return 0
+
+
+def _seed_dirs(target: str, runs: str, recipes: str) -> list[Path]:
+    """A table spec's seeds, a run's seeds (results/runs/<run_id>) or one seed's folder."""
+    path = Path(target)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        from imgclf.tables import spec
+
+        table = spec.load(path, recipes)
+        return [Path(runs) / r.run_id / f"seed{s}" for r in table.rows if r.run_id for s in r.seeds]
+    if not path.is_dir():
+        raise CLIError(f"{target}: not a table spec (.yaml), a run or a seed folder")
+    return [path] if path.name.startswith("seed") else sorted(path.glob("seed*"))
+
+
+def cmd_cancel(args) -> int:
+    from imgclf.launch import jobs
+
+    dirs = [d for t in args.targets for d in _seed_dirs(t, args.runs, args.recipes)]
+    lines = jobs.cancel(dirs)
+    for line in lines:
+        print(line)
+    print(f"imgclf cancel: {len(lines)} SLURM job(s) cancelled ({len(dirs)} seed(s) looked at)")
+    return 0
+
+
 def cmd_data(args) -> int:
     from imgclf import data
 
@@ -220,6 +251,18 @@ def parser() -> argparse.ArgumentParser:
     tb.add_argument("--recipes", default="config/recipes")
     tb.set_defaults(func=cmd_table)
 
+    st = sub.add_parser("status", help="every seed of a table: done, running, queued, failed, missing")
+    st.add_argument("spec", help="config/tables/<table>.yaml")
+    st.add_argument("--runs", default="results/runs")
+    st.add_argument("--recipes", default="config/recipes")
+    st.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("cancel", help="scancel the queued or running SLURM jobs of a table, run or seed")
+    c.add_argument("targets", nargs="+", help="config/tables/<table>.yaml, results/runs/<run_id>[/seed<k>]")
+    c.add_argument("--runs", default="results/runs")
+    c.add_argument("--recipes", default="config/recipes")
+    c.set_defaults(func=cmd_cancel)
+
     d = sub.add_parser("data", help="prepare + verify a dataset under the data root")
     d.add_argument("dataset", help="digits | mnist | fashion_mnist | kmnist | cifar10 | cifar100")
     d.add_argument("--root", default=None, help="data root (default $IMGCLF_DATA_ROOT or resources/data)")
@@ -239,11 +282,12 @@ def main(argv: list[str] | None = None) -> int:
 
         args.root = str(data_root())
     from imgclf.data import DataError
+    from imgclf.launch.jobs import JobError
     from imgclf.tables.spec import SpecError
 
     try:
         return args.func(args)
-    except (C.ConfigError, SpecError, DataError, OSError, ValueError) as e:
+    except (C.ConfigError, SpecError, DataError, CLIError, JobError, OSError, ValueError) as e:
         message = re.sub(r"\s*\n\s*", " ", str(e).strip())  # one line, whatever the message held
         if len(message) > MAX_MESSAGE:  # values are cut where they are echoed; this is the backstop
             message = message[:MAX_MESSAGE - 1] + "…"

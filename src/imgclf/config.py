@@ -194,6 +194,10 @@ class TrainConfig:
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
     distributed: bool = False
+    # torch's CPU threads on a CPU device: part of the run's identity, because the blocking of
+    # CPU convolutions and reductions (and so the last bits of every step) follows the thread
+    # count; the cores a job is given never change the numbers. No effect on a GPU's numerics.
+    threads: int = 1
     dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -376,6 +380,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.val_ratio": (0, 1, True, False),
     "train.log_period": (0, None, False, True),
     "train.checkpoint_period": (0, None, False, True),
+    "train.threads": (0, 1024, False, True),
     "train.rollback_lr_factor": (0, 1, False, False),
     "train.max_rollbacks": (0, None, True, True),
     "train.dataloader.num_workers": (0, None, True, True),

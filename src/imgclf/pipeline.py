@@ -5,7 +5,6 @@ scored), one aggregation or one rendering each.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +12,14 @@ from imgclf import config as C
 
 
 def train_seed(run_dir: str | Path, config: dict[str, Any], seed: int, *, launcher: str = "debug",
-               resources: dict[str, Any] | None = None, threads: int = 1, data_root: str = "",
-               progress: bool = True) -> dict[str, Any]:
+               resources: dict[str, Any] | None = None, data_root: str = "", progress: bool = True,
+               attempt: int = 1) -> dict[str, Any]:
     """Train (or resume) one seed of a run into ``run_dir``, then score its saved final weights in
-    the same job: ``result.json`` marks the training complete, ``eval.json`` the seed."""
+    the same job: ``result.json`` marks the training complete, ``eval.json`` the seed. The torch
+    thread count is the resolved config's (``train.threads``), so the launcher never changes the
+    numbers; ``attempt`` > 1 is a Snakemake retry."""
     from imgclf import runs
-    from imgclf.launch import Resources, run
+    from imgclf.launch import Resources, jobs, run
 
     cfg = C.from_dict(config)
     cfg.train.seed = seed
@@ -26,13 +27,11 @@ def train_seed(run_dir: str | Path, config: dict[str, Any], seed: int, *, launch
         cfg.data_root = str(Path(data_root).resolve())
     run_dir = Path(run_dir)
     runs.prepare(cfg, run_dir, resume=True)  # an interrupted seed resumes from its checkpoint
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     if launcher == "debug":
-        import torch
-
-        torch.set_num_threads(max(threads, 1))
+        jobs.say(f"{jobs.seed_label(run_dir)}: training on this machine (launcher debug, "
+                 f"{cfg.train.threads} thread(s))")
     return run(run_dir, launcher=launcher, resources=Resources(**(resources or {})),
-               job_name=f"{run_dir.parent.name}/{run_dir.name}", progress=progress, evaluate=True)
+               job_name=f"{run_dir.parent.name}/{run_dir.name}", progress=progress, evaluate=True, attempt=attempt)
 
 
 def aggregate_table(spec_path: str | Path, runs_dir: str | Path, csv_out: str | Path,

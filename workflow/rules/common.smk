@@ -1,15 +1,37 @@
 # Everything that is not a rule: config validation, the table specs read once and
 # expanded into runs, and the small input functions the rules use.
 import sys
+import time
 from pathlib import Path
 
+import yaml
 from snakemake.utils import validate
 
+from imgclf.launch import jobs as imgclf_jobs
 from imgclf.tables import plan as imgclf_plan
 from imgclf.tables.spec import SpecError
 
 
+def typed(value, schema):
+    """`--config 'resources={gpus: 1}'` reaches us as {'gpus': '1'}: Snakemake types only top-level
+    values. Parse the strings that the schema says are numbers or booleans."""
+    kind = schema.get("type")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        return {k: typed(v, props.get(k, {})) for k, v in value.items()}
+    if isinstance(value, str) and kind in ("integer", "number", "boolean"):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return parsed if isinstance(parsed, (int, float, bool)) else value
+    return value
+
+
+CONFIG_SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
+config.update(typed(dict(config), yaml.safe_load(Path(CONFIG_SCHEMA).read_text())))
 validate(config, "../schemas/config.schema.yaml")
+STARTED = time.time()
 
 TABLES_DIR = Path("config/tables")
 RECIPES_DIR = Path("config/recipes")
@@ -71,16 +93,52 @@ def get_run(wildcards):
 
 
 def get_train_job(wildcards):
-    """What a training job needs: the resolved config, the cluster resources (profile/config
-    SLURM settings, then the config's defaults, then the row's own needs) and the launcher."""
+    """What a training job needs: the resolved config, the cluster resources (config/config.yaml,
+    then the profile's --configfile, then --config; a row's own `resources:` replace them) and
+    the launcher. A device the job will not have (fp16 without a GPU) fails here, at planning."""
     run = get_run(wildcards)
+    resources = {**config.get("slurm", {}), **run.resources}
+    problem = imgclf_jobs.device_problem(run.config, config["launcher"], int(resources.get("gpus", 0) or 0))
+    if problem:
+        raise WorkflowError(f"{', '.join(run.rows)}: {problem}")
     return {
         "config": run.config,
-        "resources": {**config.get("slurm", {}), **run.resources},
+        "resources": resources,
         "launcher": config["launcher"],
         "data_root": config.get("data_root", ""),
         "progress": config.get("progress", True),
     }
+
+
+def get_train_threads(wildcards):
+    """The cores a training job takes here: its torch threads (train.threads) x its ranks on this
+    machine; none under SLURM, where this job only waits."""
+    if config["launcher"] == "slurm":
+        return 0
+    run = get_run(wildcards)
+    ranks = int(run.resources.get("tasks", 1) or 1) if config["launcher"] == "local" else 1
+    return int(run.config["train"].get("threads", 1)) * ranks
+
+
+def get_slurm_jobs(wildcards):
+    return 1 if config["launcher"] == "slurm" else 0
+
+
+def get_attempt(wildcards, attempt):
+    return attempt
+
+
+def print_failures():
+    """One line per seed that failed in this invocation (each training log's first line)."""
+    failed = []
+    for log_file in sorted(Path("logs/train").glob("*/seed*.log")):
+        if log_file.stat().st_mtime >= STARTED:
+            first = log_file.read_text().partition("\n")[0]
+            if first and " test error " not in first and ": diverged: " not in first:
+                failed.append(first)
+    if failed:
+        print(f"imgclf: {len(failed)} seed(s) failed:", *(f"  {line}" for line in failed), sep="\n",
+              file=sys.stderr)
 
 
 def get_table_seeds(wildcards):

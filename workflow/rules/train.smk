@@ -10,7 +10,12 @@ rule train:
         "logs/train/{dataset}-{run}/seed{seed}.log",
     params:
         job=get_train_job,
-    threads: config.get("threads_per_job", 1)
+    threads: get_train_threads
+    resources:
+        # Under SLURM this job only waits on its cluster job: the profile bounds how many wait
+        # at once (`resources: {slurm_jobs: N}`), not the login node's cores.
+        slurm_jobs=get_slurm_jobs,
+        attempt=get_attempt,
     conda:
         "../envs/imgclf.yaml"
     script:

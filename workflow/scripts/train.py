@@ -1,7 +1,9 @@
 # Train one seed of one run through the configured launcher (imgclf.pipeline.train_seed).
-# The progress bar goes to the terminal; the log keeps the outcome or the traceback.
+# The terminal gets one line per event (submitted, re-attached, failed); the log keeps the
+# failure's one line first, then the traceback.
 import _path  # noqa: F401  (Snakemake puts this folder on sys.path)
 import os
+import sys
 import traceback
 from pathlib import Path
 
@@ -13,11 +15,16 @@ job = snakemake.params.job
 with open(snakemake.log[0], "w") as log:
     try:
         result = train_seed(run_dir, job["config"], int(snakemake.wildcards.seed), launcher=job["launcher"],
-                            resources=job["resources"], threads=snakemake.threads, data_root=job["data_root"],
-                            progress=job["progress"])
-    except BaseException:
+                            resources=job["resources"], data_root=job["data_root"], progress=job["progress"],
+                            attempt=int(snakemake.resources.attempt))
+    except Exception as e:
+        line = " ".join(str(e).split()) or type(e).__name__
+        if not line.startswith(f"{run_dir.parent.name}/{run_dir.name}"):
+            line = f"{run_dir.parent.name}/{run_dir.name}: {type(e).__name__}: {line}"
+        log.write(line + "\n\n")
         traceback.print_exc(file=log)
-        raise
+        print(f"imgclf: FAILED {line}", file=sys.stderr, flush=True)
+        sys.exit(1)
     if result.get("diverged"):
         log.write(f"{run_dir}: diverged: {result['message']}\n")
     else:

@@ -92,11 +92,20 @@ def environment(device: torch.device, world_size: int) -> dict[str, Any]:
     env = {"imgclf": __version__, "python": platform.python_version(), "torch": torch.__version__,
            "torchvision": torchvision.__version__, "host": socket.gethostname(), "device": str(device),
            "device_name": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "world_size": world_size, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+           "world_size": world_size, "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "launcher": _launcher()}
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     return env
+
+
+def _launcher() -> str:
+    """How this process was started, read from what each launcher sets."""
+    if os.environ.get("SUBMITIT_LOCAL_JOB_ID"):
+        return "local"
+    if os.environ.get("SLURM_JOB_ID"):
+        return "slurm"
+    return "torchrun" if os.environ.get("TORCHELASTIC_RUN_ID") else "debug"
 
 
 def _onednn_cl_hazard(model: nn.Module) -> bool:
@@ -139,6 +148,8 @@ class Trainer:
                              "process(es) were launched; use launcher local/slurm with that many tasks or GPUs")
         self.is_main = self.rank == 0
         self.device = select_device(cfg, local_rank)
+        if self.device.type == "cpu":  # the resolved config's thread count, whatever the job's CPUs
+            torch.set_num_threads(cfg.train.threads)
         self.precision = Precision(C.precision(cfg), self.device)
         self.progress = self.is_main if progress is None else (progress and self.is_main)
 

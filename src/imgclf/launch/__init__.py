@@ -13,6 +13,7 @@ import contextlib
 import io
 import logging
 import os
+import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ class Resources:
     nodes: int = 1
     tasks: int = 1  # per node, for CPU DDP (gloo); with GPUs, tasks = gpus
     cpus_per_task: int = 2
-    mem_gb: float = 8
+    mem_gb: float = 8  # per task (one DDP rank, one GPU): a node is asked for mem_gb * tasks_per_node
     time_min: int = 60
     partition: str = ""
     account: str = ""
@@ -105,6 +106,10 @@ class TrainJob:
             thread.join(timeout=0.5)  # short joins keep the main thread responsive to signals
         if "error" in box:
             raise box["error"]
+        if threading.current_thread() is threading.main_thread():
+            # Done: SLURM's warning signal arriving now (late, after a requeue) must neither
+            # requeue a finished run nor kill the exiting task (sacct's FAILED 12:0).
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         return box["result"]
 
     def checkpoint(self, *args, **kwargs):
@@ -157,7 +162,8 @@ def _submitit_executor(launcher: str, folder: Path, res: Resources):
     ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=res.max_requeues)
     params: dict[str, Any] = {
         "timeout_min": res.time_min, "nodes": res.nodes, "tasks_per_node": res.tasks_per_node,
-        "cpus_per_task": res.cpus_per_task, "mem_gb": res.mem_gb, "slurm_signal_delay_s": res.signal_delay_s,
+        "cpus_per_task": res.cpus_per_task, "mem_gb": res.mem_gb * res.tasks_per_node,
+        "slurm_signal_delay_s": res.signal_delay_s,
     }
     if res.gpus:
         params["gpus_per_node"] = res.gpus
@@ -200,33 +206,28 @@ class SubmissionError(OSError):
     """The scheduler refused or could not take a job (sbatch failed); the message is one line."""
 
 
-def _wait(job, what: str):
-    log.info("%s: submitted job %s", what, job.job_id)
-    try:
-        results = job.results()  # one per task; rank 0's is the run's
-        return results[0]
-    except Exception as e:
-        paths = getattr(job, "paths", None)
-        where = f"job {job.job_id}" + (f"; log {paths.stderr}" if paths is not None else "")
-        raise RuntimeError(f"{what} failed ({where}): {_last_line(e)}") from e
-
-
 def run(run_dir: str | Path, launcher: str = "debug", resources: Resources | None = None,
-        job_name: str = "imgclf", progress: bool | None = None, evaluate: bool = False) -> dict[str, Any]:
+        job_name: str = "imgclf", progress: bool | None = None, evaluate: bool = False,
+        attempt: int = 1) -> dict[str, Any]:
     """Train to completion through ``launcher`` and return the result; with ``evaluate``, the
-    same job then writes eval.json. A failed job raises with its own error and its log's path."""
+    same job then writes eval.json. A submitted job owns its run directory while it runs, a
+    re-run re-attaches to it, and a failed one raises :class:`jobs.JobError` with one line (see
+    :mod:`imgclf.launch.jobs`); ``attempt`` > 1 is a retry, refused after a failure that cannot pass."""
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher: '{launcher}' is not one of {', '.join(LAUNCHERS)}")
+    from imgclf.launch import jobs
+
     if launcher == "debug":
+        from contextlib import nullcontext
+
         from imgclf.engine import train
 
-        result = train(run_dir, progress=progress)
-        if evaluate and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone
-            _evaluate(run_dir)
+        # Under torchrun every rank shares the directory; otherwise this process owns it.
+        with nullcontext() if "WORLD_SIZE" in os.environ else jobs.RunLock(run_dir):
+            result = train(run_dir, progress=progress)
+            if evaluate and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone
+                _evaluate(run_dir)
         return result
-    return _wait(submit(run_dir, launcher, resources, job_name, evaluate=evaluate), f"{run_dir}: training")
 
-
-def _last_line(e: Exception) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
+    return jobs.launch(run_dir, launcher, resources or Resources(), job_name, evaluate,
+                       lambda *a: submit(*a[:4], evaluate=a[4]), attempt=attempt)

@@ -47,6 +47,7 @@ class Plan:
     def __init__(self, tables: dict[str, S.Table], defaults: dict[str, Any] | None = None):
         self.tables = tables
         self.runs: dict[str, Run] = {}
+        from_rows: dict[str, set[str]] = {}
         for name, table in tables.items():
             for row in table.rows:
                 if not row.run_id:
@@ -55,10 +56,14 @@ class Plan:
                 if run is None:
                     run = self.runs[row.run_id] = Run(row.run_id, row.config.dataset.name, row.config.to_dict(),
                                                       dict(defaults or {}))
+                    from_rows[row.run_id] = set()
+                # A row's resources replace the defaults, lower or higher; rows that share a run
+                # (the same computation) get the largest of what they ask.
                 for key, value in row.resources.items():
                     old = run.resources.get(key)
-                    run.resources[key] = max(old, value) if isinstance(old, (int, float)) and isinstance(
-                        value, (int, float)) else value
+                    shared = key in from_rows[row.run_id] and isinstance(old, (int, float))
+                    run.resources[key] = max(old, value) if shared and isinstance(value, (int, float)) else value
+                    from_rows[row.run_id].add(key)
                 run.seeds.update(row.seeds)
                 run.rows.append(f"{name}/{row.id}")
                 hours = parse_duration(row.reported.get("time"))
@@ -126,7 +131,8 @@ class Plan:
 
         Snakemake re-creates a missing intermediate file only when something downstream must
         run; deleting a file updates its folder's mtime, which makes the aggregation (and so
-        exactly that seed's job) run again."""
+        exactly that seed's job) run again. So the seed's folder is an input, or when it was
+        deleted (``rm -r``), the nearest folder above it that exists: the deletion updated that one."""
         t = self.tables[table]
         out = []
         for r in t.rows:
@@ -134,8 +140,9 @@ class Plan:
                 for s in r.seeds:
                     seed_dir = Path(runs_dir) / r.run_id / f"seed{s}"
                     out += [str(seed_dir / "result.json"), str(seed_dir / "eval.json")]
-                    if seed_dir.is_dir():
-                        out.append(str(seed_dir))
+                    folder = next((d for d in (seed_dir, seed_dir.parent, Path(runs_dir)) if d.is_dir()), None)
+                    if folder is not None and str(folder) not in out:
+                        out.append(str(folder))
         return out
 
     def summary(self, runs_dir: str | Path = "results/runs") -> str:
