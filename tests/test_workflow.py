@@ -59,12 +59,16 @@ def test_workflow_builds_reruns_one_seed_and_is_idempotent(project):
 
     runs = sorted((project / "results" / "runs").iterdir())
     victim = runs[0] / "seed1" / "result.json"
-    survivor = runs[1] / "seed0" / "result.json"
+    survivor = runs[1] / "seed1" / "result.json"
     before = survivor.stat().st_mtime_ns
     victim.unlink()
     assert planned_jobs(snakemake(project, "-n")) == {"train": 1, "aggregate": 1, "render": 1, "plots": 1, "all": 1}
     snakemake(project)
     assert victim.is_file() and survivor.stat().st_mtime_ns == before
+
+    # `rm -r` of a seed's folder is picked up by the table target, and only that seed re-runs.
+    shutil.rmtree(runs[1] / "seed0")
+    assert planned_jobs(snakemake(project, "-n")) == {"train": 1, "aggregate": 1, "render": 1, "plots": 1, "all": 1}
 
     # A lost eval.json re-runs its seed's job, which resumes from the final checkpoint: the
     # weights, the log and the score come back identical, with no epoch trained again.
@@ -162,3 +166,32 @@ def test_plan_cache_is_the_plan_and_follows_every_input(tmp_path, monkeypatch):
     for _ in range(2):
         with pytest.raises(spec.SpecError, match="broken.yaml: 'rows' must be a non-empty list"):
             plan.Plan.cached(cache, tables_dir, recipes_dir, {"gpus": 2})
+
+
+def test_fp16_on_a_job_without_gpu_is_refused_by_a_dry_run(project):
+    spec = project / "config" / "tables" / "half.yaml"
+    spec.write_text(yaml.safe_dump({"title": "Half", "seeds": [0], "rows": [
+        {"id": "o3", "label": "fp16", "recipe": "digits/resnet_preact.yaml", "overrides": {"train.precision": "O3"}}]}))
+    try:
+        out = snakemake(project, "-n", "--config", "launcher=slurm", "tables=[half]", check=False)
+    finally:
+        spec.unlink()
+    assert out.returncode != 0
+    assert ("half/o3: its job gets no GPU (resources.gpus is 0), and train.precision fp16 needs a CUDA device"
+            in out.stdout + out.stderr)
+
+
+def test_cluster_profile_composes_with_command_line_config_from_a_subdirectory(tmp_path):
+    """--config adds to the profile's settings (it used to replace them: launcher=slurm was lost),
+    nested values are typed, and the profile works from a subdirectory of the checkout."""
+    root = tmp_path / "checkout"
+    for name in ("config", "slurm", "workflow"):
+        shutil.copytree(REPO / name, root / name)
+    env = {**os.environ, "IMGCLF_CACHE_DIR": str(root / "resources" / "cache")}
+    out = subprocess.run([sys.executable, "-m", "snakemake", "--profile", "../slurm", "-n", "results/tables/quickstart.md",
+                          "--config", "progress=False", "resources={gpus: 2, mem_gb: 3.5, time_min: 30}"],
+                         cwd=root / "config", env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ("imgclf launcher: slurm (each seed one submitit job; by default 2 GPU(s), 8 CPU(s), 3.5 GB per task, "
+            "30 min;") in out.stderr
+    assert planned_jobs(out) == {"data": 1, "train": 9, "aggregate": 1, "render": 1}

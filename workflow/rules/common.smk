@@ -52,6 +52,7 @@ for name in config["tables"]:
             f"(known: {', '.join(sorted(PLAN.tables))})"
         )
 print(PLAN.summary(RUNS_DIR), file=sys.stderr)
+print(imgclf_jobs.launcher_summary(config["launcher"], config.get("resources", {})), file=sys.stderr)
 
 
 # A run id is <dataset>-<model>-<config hash>; its dataset part names the dataset cache it reads.

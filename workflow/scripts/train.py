@@ -17,6 +17,8 @@ with open(snakemake.log[0], "w") as log:
         result = train_seed(run_dir, job["config"], int(snakemake.wildcards.seed), launcher=job["launcher"],
                             resources=job["resources"], data_root=job["data_root"], progress=job["progress"],
                             attempt=int(snakemake.resources.attempt))
+    except KeyboardInterrupt:
+        sys.exit(130)  # what still runs was said when the interrupt came
     except Exception as e:
         line = " ".join(str(e).split()) or type(e).__name__
         if not line.startswith(f"{run_dir.parent.name}/{run_dir.name}"):

@@ -324,5 +324,16 @@ def device_problem(config: dict[str, Any], launcher: str, gpus: int) -> str | No
         Precision(C.PRECISION_ALIASES.get(precision, precision), torch.device("cpu"))
     except ValueError as e:
         where = "resources.gpus is 0" if launcher == "slurm" else f"launcher {launcher} on a machine without CUDA"
-        return f"{e}, but its job gets no GPU ({where})"
+        return f"its job gets no GPU ({where}), and {e}"
     return None
+
+
+def launcher_summary(launcher: str, defaults: dict[str, Any]) -> str:
+    """The line a workflow prints first: where its training jobs will run, with what by default."""
+    if launcher == "debug":
+        return "imgclf launcher: debug (training inside each Snakemake job, on this machine)"
+    gpus = int(defaults.get("gpus", 0) or 0)
+    ask = f"{gpus} GPU(s)" if gpus else "no GPU"
+    return (f"imgclf launcher: {launcher} (each seed one submitit job; by default {ask}, "
+            f"{defaults.get('cpus_per_task', '?')} CPU(s), {defaults.get('mem_gb', '?')} GB per task, "
+            f"{defaults.get('time_min', '?')} min; a row's resources replace these)")
