@@ -124,7 +124,7 @@ def test_the_cause_is_the_jobs_exception_or_slurms_own_line():
     assert last_error_line(trace, [], "FAILED") == \
         "ConfigError: train.batch_size: 4096 is larger than the 1347 training images"
     cancelled = ("submitit WARNING (2026) - Bypassing signal SIGTERM\nsrun: error: vm: task 0: Killed\n"
-                 "slurmstepd: error: *** STEP 12.0 ON vm CANCELLED AT 2026-11-29T11:00:00 ***\n")
+                 "slurmstepd-vm: error: *** STEP 12.0 ON vm CANCELLED AT 2026-11-29T11:00:00 ***\n")
     error = "Job 12 (task: 0) with path x\nhas not produced any output (state: CANCELLED by 0)\n" + cancelled
     assert last_error_line(error, [cancelled], "CANCELLED") == "STEP 12.0 ON vm CANCELLED AT 2026-11-29T11:00:00"
     assert last_error_line("", [], "CANCELLED") == "cancelled before it started"

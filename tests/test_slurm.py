@@ -1,6 +1,8 @@
 """The slurm launcher against a real SLURM cluster (.ci/run starts one with ../shared/slurm)."""
+import json
 import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -53,15 +55,54 @@ def project(tmp_path: Path, tables: list[str], extra_tables: dict | None = None)
         (root / "config" / "tables" / f"{name}.yaml").write_text(yaml.safe_dump(table, sort_keys=False))
     cfg = yaml.safe_load((root / "config" / "config.yaml").read_text())
     cfg.update(tables=tables, progress=False)
-    cfg["resources"].update(mem_gb=2, cpus_per_task=1, time_min=20)
     (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    # The CI cluster has no GPU: opt out of the profile's one GPU a job the documented way.
+    cluster = yaml.safe_load((root / "slurm" / "cluster.yaml").read_text())
+    cluster["resources"].update(gpus=0, mem_gb=2, cpus_per_task=1, time_min=20)
+    (root / "slurm" / "cluster.yaml").write_text(yaml.safe_dump(cluster))
     return root
 
 
+def _env(root: Path) -> dict:
+    # The shared sacct cache is polled every 2 s here (30 s by default), in a folder of this test's.
+    return {**os.environ, "IMGCLF_CACHE_DIR": str(root / "resources" / "cache"), "IMGCLF_SLURM_POLL_S": "2",
+            "IMGCLF_STATE_DIR": str(root / "state"), "PYTHONPATH": str(REPO / "src")}
+
+
 def snakemake(root: Path, *args: str):
-    env = {**os.environ, "IMGCLF_CACHE_DIR": str(root / "resources" / "cache")}
-    return subprocess.run([*SNAKEMAKE, "--directory", str(root), *args], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=1200)
+    return subprocess.run([*SNAKEMAKE, "--directory", str(root), *args], cwd=root, env=_env(root),
+                          capture_output=True, text=True, timeout=1200)
+
+
+def snakemake_in_background(root: Path, out: Path, *args: str) -> subprocess.Popen:
+    """As a terminal runs it: its own process group, so that a Ctrl-C (SIGINT to the group) reaches
+    Snakemake and its jobs."""
+    return subprocess.Popen([*SNAKEMAKE, "--directory", str(root), *args], cwd=root, env=_env(root),
+                            stdout=open(out, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def imgclf(root: Path, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "imgclf", *args], cwd=root, env=_env(root), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def sacct_jobs(name: str, since: float) -> list[tuple[str, str, str, str]]:
+    """(job id, state, time limit, requested memory) of every job named ``name`` that was submitted
+    at or after ``since`` (earlier tests train the same configs, so the same names)."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "--name", name, "-S", time.strftime("%Y-%m-%dT%H:%M:%S",
+                          time.localtime(since)), "--format=JobID,State,TimeLimit,ReqMem,Submit"],
+                         capture_output=True, text=True)
+    jobs = [line.split("|") for line in out.stdout.splitlines()]
+    return [tuple(j[:4]) for j in jobs
+            if time.mktime(time.strptime(j[4], "%Y-%m-%dT%H:%M:%S")) >= int(since)]
+
+
+def tiny_row(row_id: str, **overrides) -> dict:
+    return {"id": row_id, "label": row_id, "recipe": "digits/resnet_preact.yaml",
+            "overrides": {"model.resnet_preact.depth": 8, "model.resnet_preact.initial_channels": 8,
+                          "scheduler.epochs": 1, **overrides}}
 
 
 def test_quickstart_table_through_sbatch(tmp_path):
@@ -152,7 +193,7 @@ def test_job_hitting_its_time_limit_requeues_and_finishes(tmp_path):
     assert_interrupted_and_identical(run, torch.load(ref / "model.pt", weights_only=True), "timed-out")
 
 
-def test_failing_job_surfaces_its_error_and_reruns_alone(tmp_path):
+def test_failing_job_says_why_on_one_line_is_not_retried_and_reruns_alone(tmp_path):
     bad = {"title": "Failing", "seeds": [0, 1], "rows": [
         {"id": "ok", "label": "fine", "recipe": "digits/resnet_preact.yaml",
          "overrides": {"model.resnet_preact.depth": 8, "scheduler.epochs": 1}},
@@ -160,14 +201,88 @@ def test_failing_job_surfaces_its_error_and_reruns_alone(tmp_path):
         {"id": "too_big", "label": "batch too large", "recipe": "digits/resnet_preact.yaml",
          "overrides": {"model.resnet_preact.depth": 8, "scheduler.epochs": 1, "train.batch_size": 4096}}]}
     root = project(tmp_path, ["failing"], {"failing": bad})
-    out = snakemake(root)
+    since = time.time()
+    out = snakemake(root)  # the profile's `retries: 1` is in force
     text = out.stdout + out.stderr
     assert out.returncode != 0
-    assert "is larger than the 1347 training images" in text
-    assert "_0_log.err" in text  # the SLURM log's path
-    ok = [p for p in (root / "results" / "runs").iterdir() if (p / "seed0" / "eval.json").exists()]
-    assert len(ok) == 1 and (ok[0] / "seed1" / "eval.json").exists()  # --keep-going finished the others
-    failed = next(p for p in (root / "results" / "runs").iterdir() if p not in ok)
+    failed = next(p for p in (root / "results" / "runs").iterdir() if not (p / "seed0" / "eval.json").exists())
+    for seed in (0, 1):
+        (job,) = sacct_jobs(f"{failed.name}/seed{seed}", since)  # one job: a deterministic failure is not retried
+        line = re.compile(rf"imgclf: FAILED {failed.name}/seed{seed}: SLURM job {job[0]} FAILED: \w+Error: "
+                          rf"train.batch_size:? 4096 is larger than the 1347 training images; log \S+/{job[0]}_0_log.err$",
+                          re.M)
+        assert line.search(text), text[-3000:]
+        assert f"{failed.name}/seed{seed}: SLURM job {job[0]} FAILED" in text.split("seed(s) failed:")[1]
+        assert "(not retried: FAILED cannot pass on another try)" in text
+    assert "Traceback" not in text and "show-failed-logs" not in text
+    ok = next(p for p in (root / "results" / "runs").iterdir() if p != failed)
+    assert (ok / "seed0" / "eval.json").exists() and (ok / "seed1" / "eval.json").exists()  # --keep-going
     assert not (failed / "seed0" / "result.json").exists()
+
+    listing = imgclf(root, "status", "config/tables/failing.yaml").splitlines()
+    assert re.match(r"ok +0 +done +test error \d+\.\d\d%", listing[1])
+    assert re.match(rf"too_big +0 +failed +{failed.name}/seed0: SLURM job \d+ FAILED: \w+Error: train.batch_size",
+                    listing[3])
+    assert listing[-1] == "4 seeds: 2 done, 2 failed"
     target = str((failed / "seed0" / "eval.json").relative_to(root))
     assert planned_jobs(snakemake(root, "-n", target)) == {"train": 1}
+
+
+def test_settings_reach_the_job_and_a_deleted_seed_folder_reruns(tmp_path):
+    """--config composes with the profile (the job is a SLURM job), nested values are typed, a row
+    lowers the default time limit, memory is per task, and `rm -r` of a seed is seen."""
+    table = {"title": "Settings", "seeds": [0], "rows": [{**tiny_row("short"), "resources": {"time_min": 2}}]}
+    root = project(tmp_path, ["settings"], {"settings": table})
+    since = time.time()
+    out = snakemake(root, "--config", "progress=False", "resources={gpus: 0, cpus_per_task: 1, mem_gb: 1.5, time_min: 20}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = (root / "results" / "runs").iterdir()
+    (job,) = sacct_jobs(f"{run.name}/seed0", since)
+    assert job[1:] == ("COMPLETED", "00:02:00", "1.50G")
+    assert f"imgclf: {run.name}/seed0: submitted SLURM job {job[0]} (1 node(s) x 1 task(s), no GPU" in out.stderr
+    env = json.loads((run / "seed0" / "env.json").read_text())
+    assert (env["launcher"], env["slurm_job_id"]) == ("slurm", job[0])
+
+    shutil.rmtree(run / "seed0")
+    assert planned_jobs(snakemake(root, "-n")) == {"train": 1, "aggregate": 1, "render": 1, "plots": 1, "all": 1}
+
+
+def test_rerun_reattaches_to_the_queued_job_and_a_cancelled_job_is_not_retried(tmp_path):
+    table = {"title": "Queued", "seeds": [0], "rows": [tiny_row("long", **LONG)]}
+    root = project(tmp_path, ["queued"], {"queued": table})
+    cluster = yaml.safe_load((root / "slurm" / "cluster.yaml").read_text())
+    cluster["slurm"]["extra"] = {"begin": "now+1hour"}  # the seed's job waits in the queue until released
+    (root / "slurm" / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+    job_id, since = None, time.time()
+    try:
+        first = snakemake_in_background(root, tmp_path / "first.txt")
+        record = lambda: json.loads(next((root / "results" / "runs").glob("*/seed0/job.json")).read_text())  # noqa: E731
+        wait_for(lambda: list((root / "results" / "runs").glob("*/seed0/job.json")), 120, "the submission")
+        job_id = record()["job_id"]
+        os.killpg(first.pid, signal.SIGINT)  # Ctrl-C
+        assert first.wait(timeout=120) != 0
+        said = (tmp_path / "first.txt").read_text()
+        run = next((root / "results" / "runs").iterdir())
+        assert (f"imgclf: {run.name}/seed0: interrupted; SLURM job {job_id} is still PENDING: the next run "
+                f"re-attaches to it; stop it with `imgclf cancel ") in said
+
+        second = snakemake_in_background(root, tmp_path / "second.txt")
+        wait_for(lambda: "re-attached" in (tmp_path / "second.txt").read_text(), 120, "the re-attachment")
+        assert f"imgclf: {run.name}/seed0: re-attached to SLURM job {job_id} (PENDING), not submitting another" \
+            in (tmp_path / "second.txt").read_text()
+        assert re.search(rf"long +0 +queued +SLURM job {job_id}$", imgclf(root, "status", "config/tables/queued.yaml"),
+                         re.M)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+        wait_for(lambda: re.search(r"running +SLURM job \d+, epoch [1-9]\d*/60",
+                                   imgclf(root, "status", "config/tables/queued.yaml")), 180, "epochs running")
+        assert imgclf(root, "cancel", "config/tables/queued.yaml").splitlines()[0] == \
+            f"{run.name}/seed0: cancelled SLURM job {job_id} (was RUNNING)"
+        assert second.wait(timeout=180) != 0
+    finally:
+        if job_id is not None:
+            subprocess.run(["scancel", job_id])
+    said = (tmp_path / "second.txt").read_text()
+    assert re.search(rf"^imgclf: FAILED {run.name}/seed0: SLURM job {job_id} CANCELLED: (?:JOB|STEP) {job_id}\S* "
+                     r"ON \S+ CANCELLED AT \S+; log \S+_0_log.err$", said, re.M), said[-3000:]
+    assert "(not retried: CANCELLED cannot pass on another try)" in said
+    assert [j[:2] for j in sacct_jobs(f"{run.name}/seed0", since)] == [(job_id, "CANCELLED")]  # never a second job

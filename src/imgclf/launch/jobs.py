@@ -44,7 +44,7 @@ RETRYABLE = frozenset({"NODE_FAIL", "PREEMPTED", "BOOT_FAIL"})
 _TRANSIENT = re.compile(r"temporar|timed? ?out|try again|socket|unable to contact|connection", re.I)
 # The last line of a Python traceback: "pkg.mod.SomeError: message".
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit))(?::\s*(.*))?$")
-_STEPD = re.compile(r"slurmstepd: error: (.*)$")
+_STEPD = re.compile(r"slurmstepd(?:-[\w.-]+)?: error: (.*)$")  # "slurmstepd-<host>: error: ..." on newer SLURMs
 
 
 class JobError(RuntimeError):
@@ -134,11 +134,23 @@ def _sacct(job_ids: list[str] | None = None) -> dict[str, str]:
     return states
 
 
+def _squeue(job_ids: list[str]) -> dict[str, str]:
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T"], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {i: st for i, _, st in (line.partition("|") for line in out.stdout.split()) if st}
+
+
 def slurm_states(job_ids: list[str], fresh: bool = False) -> dict[str, str]:
     """{job id: sacct state} ("UNKNOWN" for a job sacct does not show yet). Unless ``fresh``, from
     the shared cache, refreshed by whichever process first finds it older than :data:`POLL_S`."""
     if fresh:
         states = _sacct(job_ids)
+        missing = [j for j in job_ids if j not in states]
+        if missing:  # accounting can lag a just-submitted job; the controller knows it
+            states.update(_squeue(missing))
         return {j: states.get(j, "UNKNOWN") for j in job_ids}
     path = _cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
