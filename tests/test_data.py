@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import require
 
 from imgclf import cli
 from imgclf.data import DataError, DeviceLoader, cache_path, load, prepare, readers
@@ -728,8 +729,7 @@ MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949
 
 @pytest.mark.parametrize("name, folder", [("MNIST", "mnist"), ("FashionMNIST", "fashion_mnist")])
 def test_real_idx_datasets(data_root, name, folder):
-    if not (data_root / folder).is_dir():
-        pytest.skip(f"{data_root / folder} not present")
+    require((data_root / folder).is_dir(), f"{data_root / folder} not present")
     for f in sorted((data_root / folder).iterdir()):
         stem = f.name.removesuffix(".gz")
         raw = gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()
@@ -750,8 +750,7 @@ def test_real_idx_datasets(data_root, name, folder):
 @pytest.mark.slow
 def test_real_cifar10_jpeg_archive(data_root, tmp_path, capsys):
     tgz = data_root / "cifar10_jpg" / "cifar10_jpg.tgz"
-    if not tgz.is_file():
-        pytest.skip(f"{tgz} not present")
+    require(tgz.is_file(), f"{tgz} not present")
     t0 = time.perf_counter()
     rc, out, err = data_cli(capsys, "cifar10", "--root", tmp_path / "root", "--from", tgz)
     seconds = time.perf_counter() - t0

@@ -200,3 +200,16 @@ def test_a_finished_job_ignores_a_late_warning_signal(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "survived", (out.returncode, out.stderr[-2000:])
     assert out.returncode != -signal.SIGUSR2
+
+
+def test_a_missing_ci_service_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    """issue 15 #7: CI could go green with the SLURM cluster or the data paths missing."""
+    from conftest import require
+
+    require(True, "present")  # nothing happens
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"no cluster \(CI=true: CI provides it"):
+        require(False, "no cluster")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="^no cluster$"):
+        require(False, "no cluster")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import require
 
 from imgclf import config as C
 from imgclf.tables import spec
@@ -135,8 +136,8 @@ def readme_tables() -> list[dict] | None:
 
 def need_readme() -> list[dict]:
     tables = readme_tables()
-    if tables is None:
-        pytest.skip("reference README not found: set IMGCLF_REFERENCE_README or put it in <repo>/../shared/seed/*.txt")
+    require(tables is not None,
+            "reference README not found: set IMGCLF_REFERENCE_README or put it in <repo>/../shared/seed/*.txt")
     return tables
 
 

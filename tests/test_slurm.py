@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, make_run, planned_jobs
+from conftest import REPO, make_run, planned_jobs, require
 
 
 def _controller_reachable() -> bool:
@@ -25,8 +25,13 @@ def _controller_reachable() -> bool:
         return False
 
 
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
-    not _controller_reachable(), reason="no SLURM controller reachable (sinfo failed); .ci/run starts one")]
+REACHABLE = _controller_reachable()
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(autouse=True)
+def _cluster():
+    require(REACHABLE, "no SLURM controller reachable (sinfo failed); .ci/run starts one")
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"),
              "--profile", "slurm"]
