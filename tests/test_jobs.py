@@ -213,3 +213,23 @@ def test_a_missing_ci_service_fails_under_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="^no cluster$"):
         require(False, "no cluster")
+
+
+def test_scheduler_polling_stays_one_query_per_period_whatever_the_seeds_in_flight(tmp_path):
+    """issue 15 #4: 500 waiting seeds must not mean 500 sacct queries a period. 10 processes
+    polling 500 job ids each, at once, cost one sacct call in all (a fake sacct counts them)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "sacct").write_text(f"#!/bin/sh\necho x >> {calls}\n"
+                                   "i=1; while [ $i -le 500 ]; do echo \"$i|PENDING\"; i=$((i+1)); done\n")
+    (bin_dir / "sacct").chmod(0o755)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from imgclf.launch import jobs; "
+            "states = jobs.slurm_states([str(i) for i in range(1, 501)]); "
+            "assert set(states.values()) == {'PENDING'}, states")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "IMGCLF_STATE_DIR": str(tmp_path / "state"),
+           "IMGCLF_SLURM_POLL_S": "600"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(REPO / "src")], env=env, stderr=subprocess.PIPE)
+             for _ in range(10)]
+    assert [p.wait(timeout=300) for p in procs] == [0] * 10, [p.stderr.read() for p in procs]
+    assert calls.read_text().count("x") == 1
