@@ -195,3 +195,7 @@ def test_cluster_profile_composes_with_command_line_config_from_a_subdirectory(t
     assert ("imgclf launcher: slurm (each seed one submitit job; by default 2 GPU(s), 8 CPU(s), 3.5 GB per task, "
             "30 min;") in out.stderr
     assert planned_jobs(out) == {"data": 1, "train": 9, "aggregate": 1, "render": 1}
+    # Jobs that only wait on SLURM take no login-node core (the workflow profile's `cores: all`
+    # bounded them to one per core): the profile's slurm_jobs bounds them instead.
+    assert out.stdout.count("threads: 0") == 9 and out.stdout.count("slurm_jobs=1") == 9
+    assert yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())["resources"] == {"slurm_jobs": 200}

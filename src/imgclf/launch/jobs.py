@@ -235,8 +235,18 @@ def _wait(run_dir: Path, label: str, launcher: str, job, tasks: int) -> dict[str
     try:
         if launcher == "slurm":
             files = _result_files(job, tasks)
+            unknown_since = None
             while not all(f.exists() for f in files):
                 state = slurm_states([str(job.job_id)])[str(job.job_id)]
+                if state == "UNKNOWN":  # not in the cache yet; if it stays so, ask the scheduler itself
+                    unknown_since = unknown_since or time.monotonic()
+                    if time.monotonic() - unknown_since > 2 * POLL_S + 30:
+                        state = slurm_states([str(job.job_id)], fresh=True)[str(job.job_id)]
+                        unknown_since = None if state != "UNKNOWN" else unknown_since
+                        if state == "UNKNOWN":
+                            break  # neither sacct nor squeue knows it: it has ended
+                else:
+                    unknown_since = None
                 if state not in ACTIVE:
                     break
                 time.sleep(1)
