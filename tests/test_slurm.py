@@ -253,7 +253,8 @@ def test_settings_reach_the_job_and_a_deleted_seed_folder_reruns(tmp_path):
 
 
 def test_rerun_reattaches_to_the_queued_job_and_a_cancelled_job_is_not_retried(tmp_path):
-    table = {"title": "Queued", "seeds": [0], "rows": [tiny_row("long", **LONG)]}
+    # long enough never to finish before it is cancelled
+    table = {"title": "Queued", "seeds": [0], "rows": [tiny_row("long", **{"scheduler.epochs": 2000})]}
     root = project(tmp_path, ["queued"], {"queued": table})
     cluster = yaml.safe_load((root / "slurm" / "cluster.yaml").read_text())
     cluster["slurm"]["extra"] = {"begin": "now+1hour"}  # the seed's job waits in the queue until released
@@ -278,7 +279,7 @@ def test_rerun_reattaches_to_the_queued_job_and_a_cancelled_job_is_not_retried(t
         assert re.search(rf"long +0 +queued +SLURM job {job_id}$", imgclf(root, "status", "config/tables/queued.yaml"),
                          re.M)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
-        wait_for(lambda: re.search(r"running +SLURM job \d+, epoch [1-9]\d*/60",
+        wait_for(lambda: re.search(r"running +SLURM job \d+, epoch [1-9]\d*/2000",
                                    imgclf(root, "status", "config/tables/queued.yaml")), 180, "epochs running")
         assert imgclf(root, "cancel", "config/tables/queued.yaml").splitlines()[0] == \
             f"{run.name}/seed0: cancelled SLURM job {job_id} (was RUNNING)"
