@@ -69,6 +69,8 @@ def test_workflow_builds_reruns_one_seed_and_is_idempotent(project):
     # `rm -r` of a seed's folder is picked up by the table target, and only that seed re-runs.
     shutil.rmtree(runs[1] / "seed0")
     assert planned_jobs(snakemake(project, "-n")) == {"train": 1, "aggregate": 1, "render": 1, "plots": 1, "all": 1}
+    snakemake(project)
+    assert (runs[1] / "seed0" / "eval.json").is_file() and planned_jobs(snakemake(project, "-n")) == {}
 
     # A lost eval.json re-runs its seed's job, which resumes from the final checkpoint: the
     # weights, the log and the score come back identical, with no epoch trained again.
