@@ -38,10 +38,10 @@ def cmd_train(args) -> int:
     # optimizer and schedule of this config (built on the meta device), then the data.
     _preflight(cfg)
     if args.launcher == "debug":  # in-process: this machine's device is the run's
+        from imgclf.engine import distenv
         from imgclf.engine.precision import Precision
-        from imgclf.engine.trainer import select_device
 
-        Precision(C.precision(cfg), select_device(cfg))  # e.g. O1/O3 (fp16) without CUDA
+        Precision(C.precision(cfg), distenv.current(cfg.device)[1])  # e.g. O3 (fp16) without CUDA
         ranks = int(os.environ.get("WORLD_SIZE", "1") or 1)  # torchrun's, else one process
     else:
         ranks = args.tasks if args.gpus == 0 else args.gpus

@@ -24,6 +24,25 @@ def default_dir(cfg: C.Config, root: str | Path = "results/runs") -> Path:
     return Path(root) / run_id(cfg) / f"seed{cfg.train.seed}"
 
 
+def load_run_config(run_dir: str | Path) -> C.Config:
+    """The resolved config.yaml of a run directory."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; a run directory starts with its resolved config.yaml")
+    from imgclf.utils import InputError, read_yaml
+
+    try:
+        data = read_yaml(path, "the run's resolved config") or {}
+    except InputError as e:
+        raise C.ConfigError(f"{e}; remove the run directory") from None
+    if not isinstance(data, dict):
+        raise C.ConfigError(f"{path}: expected a mapping of config keys; remove the run directory")
+    try:
+        return C.from_dict(data)
+    except C.ConfigError as e:
+        raise C.ConfigError(f"{path}: {e}") from None
+
+
 def prepare(cfg: C.Config, run_dir: str | Path, *, resume: bool) -> Path:
     """Write the resolved config into ``run_dir`` (atomically). An existing run directory
     must hold the same config and seed; without ``resume`` it must not hold a checkpoint.

@@ -47,8 +47,10 @@ def evaluate_run(run_dir) -> dict:
     from imgclf.runs import verify
     from imgclf.utils import read_json_object, write_json
 
+    from imgclf.runs import load_run_config
+
+    from . import distenv
     from .precision import Precision
-    from .trainer import load_run_config, select_device
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -65,7 +67,7 @@ def evaluate_run(run_dir) -> dict:
         return out
     if not (run_dir / "model.pt").is_file():
         raise FileNotFoundError(f"{run_dir / 'model.pt'}: missing; is the run finished?")
-    device = select_device(cfg)
+    device = distenv.current(cfg.device)[1]
 
     def unloadable(e: Exception) -> ValueError:  # truncated, corrupt or foreign: one line naming the file
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

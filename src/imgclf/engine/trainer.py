@@ -29,9 +29,10 @@ from imgclf.augment.dual_cutout import per_view_model
 from imgclf.augment.pipeline import EvalTransform, TrainTransform
 from imgclf.data import DeviceLoader, derive_seed, load as load_data
 from imgclf.models import build as build_model
+from imgclf.runs import load_run_config
 from imgclf.utils import atomic_write_text, write_json
 
-from . import checkpoint as ckpt, faults
+from . import checkpoint as ckpt, distenv, faults
 from .evaluator import evaluate
 from .precision import Precision
 
@@ -50,40 +51,6 @@ class Preempted(RuntimeError):
 
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def load_run_config(run_dir: str | Path) -> C.Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; a run directory starts with its resolved config.yaml")
-    from imgclf.utils import InputError, read_yaml
-
-    try:
-        data = read_yaml(path, "the run's resolved config") or {}
-    except InputError as e:
-        raise C.ConfigError(f"{e}; remove the run directory") from None
-    if not isinstance(data, dict):
-        raise C.ConfigError(f"{path}: expected a mapping of config keys; remove the run directory")
-    try:
-        return C.from_dict(data)
-    except C.ConfigError as e:
-        raise C.ConfigError(f"{path}: {e}") from None
-
-
-def select_device(cfg: C.Config, local_rank: int = 0) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: '{cfg.device}' requested but CUDA is not available (use auto or cpu)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device: '{cfg.device}' requested but this machine has {torch.cuda.device_count()} "
-                         "CUDA device(s)")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"device: '{cfg.device}' requested but MPS is not available (use auto or cpu)")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    return device
 
 
 def environment(device: torch.device, world_size: int) -> dict[str, Any]:
@@ -141,13 +108,15 @@ class Trainer:
         self.cfg = cfg = load_run_config(self.run_dir)
         self.stop_event = stop_event or threading.Event()
         self.saved_event = saved_event or threading.Event()
-        self.rank, self.world_size, local_rank = _init_distributed(cfg)
+        self.dist_env, self.device = distenv.current(cfg.device)
+        self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
+        distenv.per_rank_batch(cfg.train.batch_size, self.world_size, cfg.train.subdivision)
+        _init_distributed(cfg, self.dist_env, self.device)
         if cfg.train.dist.world_size > 0 and cfg.train.dist.world_size != self.world_size:
             # The world size is part of the run's identity (BN statistics are per rank).
             raise ValueError(f"train.dist.world_size is {cfg.train.dist.world_size} but {self.world_size} "
                              "process(es) were launched; use launcher local/slurm with that many tasks or GPUs")
         self.is_main = self.rank == 0
-        self.device = select_device(cfg, local_rank)
         if self.device.type == "cpu":  # the resolved config's thread count, whatever the job's CPUs
             torch.set_num_threads(cfg.train.threads)
         self.precision = Precision(C.precision(cfg), self.device)
@@ -181,9 +150,6 @@ class Trainer:
 
         from imgclf.optim import build_optimizer, build_scheduler
 
-        if cfg.train.batch_size % (self.world_size * cfg.train.subdivision):
-            raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by world size "
-                             f"{self.world_size} x train.subdivision {cfg.train.subdivision}")
         # Every rank draws the augmentation of the whole global batch from the same generator and
         # keeps its own shard, so N ranks compute exactly what one process would at that batch.
         self.loader = DeviceLoader(data.train_images, data.train_labels, cfg.train.batch_size, shuffle=True,
@@ -487,21 +453,15 @@ class Trainer:
         return result
 
 
-def _init_distributed(cfg: C.Config) -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from the torchrun / submitit environment (env://)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = cfg.train.dist.backend
-        if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, init_method=cfg.train.dist.init_method)
-    return rank, world, local_rank
+def _init_distributed(cfg: C.Config, d: distenv.DistEnv, device: torch.device) -> None:
+    """env:// process group of ``d`` (the launcher exported MASTER_ADDR/PORT)."""
+    if not d.distributed or dist.is_initialized():
+        return
+    backend = distenv.backend(cfg.train.dist.backend, device.type)
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, init_method=cfg.train.dist.init_method, rank=d.rank,
+                            world_size=d.world_size)
 
 
 def train(run_dir: str | Path, *, resume: bool = True, progress: bool | None = None,

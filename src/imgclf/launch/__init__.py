@@ -124,25 +124,22 @@ class TrainJob:
 
 
 def _job_setup() -> None:
-    """In a submitted job: torch threads = the CPUs the job was given, and for several tasks
-    RANK/WORLD_SIZE/MASTER_* exported for env:// initialization."""
+    """In a submitted job: torch threads = the CPUs the job was given, and the env:// variables
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*) of this task, derived by engine.distenv from the
+    job's own variables. Stale ones inherited from the submitting environment are replaced (and
+    said); CUDA_VISIBLE_DEVICES is left as SLURM set it, the trainer picks a visible device."""
+    from imgclf.engine import distenv
+
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus:
         import torch
 
         torch.set_num_threads(int(cpus))
-    if "WORLD_SIZE" in os.environ:  # torchrun already did
-        return
-    if not (os.environ.get("SUBMITIT_LOCAL_JOB_ID") or os.environ.get("SLURM_JOB_ID")):
-        return
-    try:
-        import submitit
-
-        env = submitit.JobEnvironment()
-        if env.num_tasks > 1:
-            submitit.helpers.TorchDistributedEnvironment().export()
-    except RuntimeError:
-        pass
+    d = distenv.resolve(os.environ)
+    if d.source.startswith("submitit"):
+        replaced = distenv.export(d, os.environ)
+        if replaced:
+            log.warning("rank %d: replaced inherited %s with this job's rendezvous", d.rank, ", ".join(replaced))
 
 
 def _evaluate(run_dir: str | Path) -> dict[str, Any]:
