@@ -168,7 +168,7 @@ class TrainConfig:
     checkpoint: str = ""
     resume: bool = False
     use_apex: bool = False  # accepted for compatibility; precision decides
-    precision: str = "fp32"  # fp32 | amp | bf16 | fp16 | O0 | O1 | O2 | O3
+    precision: str = "fp32"  # fp32 (IEEE) | tf32 | amp | bf16 | fp16 | O0 | O1 | O2 | O3
     batch_size: int = 128
     subdivision: int = 1
     optimizer: str = "sgd"  # sgd | adam | amsgrad | lars
@@ -190,6 +190,10 @@ class TrainConfig:
     use_tensorboard: bool = False
     channels_last: bool = True
     compile: bool = False
+    # Deterministic kernels, cuDNN autotuning off: bit-exact resume on CUDA, at a speed cost.
+    # Off, CUDA runs let cuDNN pick its fastest (nondeterministic) algorithms. CPU runs are
+    # deterministic either way.
+    deterministic: bool = False
     on_divergence: str = "stop"  # stop | rollback (to the last checkpoint, with a lower lr)
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
@@ -354,7 +358,7 @@ def _field_kinds(cls: type) -> tuple[tuple[str, bool], ...]:
 
 
 PRECISION_ALIASES = {"O0": "fp32", "O1": "amp", "O2": "fp16_master", "O3": "fp16"}
-PRECISIONS = ("fp32", "amp", "bf16", "fp16", "fp16_master")
+PRECISIONS = ("fp32", "tf32", "amp", "bf16", "fp16", "fp16_master")
 DATASET_NAMES = ("digits", "MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
 # (channels, height, width) of each dataset's images: config checks need them before any data is read.
 DATASET_SHAPES = {"digits": (1, 8, 8), "MNIST": (1, 28, 28), "FashionMNIST": (1, 28, 28), "KMNIST": (1, 28, 28),
@@ -822,7 +826,7 @@ def precision(cfg: Config) -> str:
 NON_SEMANTIC = ("train.seed", "train.output_dir", "train.resume", "train.checkpoint", "data_root",
                 "dataset.dataset_dir", "device", "train.log_period", "train.use_tensorboard",
                 "train.checkpoint_period", "train.dataloader", "validation.dataloader", "train.use_apex",
-                "train.dist.local_rank", "train.dist.node_rank", "train.distributed")
+                "train.dist.local_rank", "train.dist.node_rank", "train.distributed", "train.deterministic")
 
 
 def config_hash(cfg: Config, length: int = 8) -> str:

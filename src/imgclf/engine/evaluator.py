@@ -4,6 +4,21 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+
+
+def _onednn_cl_hazard(model: nn.Module) -> bool:
+    """oneDNN's CPU weight gradient of a strided channels_last conv with 2..7 input channels
+    corrupts the heap (segfault / 'corrupted size vs. prev_size'; seen with torch 2.14, e.g. a
+    1x1 stride-2 shortcut of a model with initial_channels 4). Such (tiny) models stay NCHW on CPU."""
+    return any(isinstance(m, nn.Conv2d) and max(m.stride) > 1 and m.in_channels < 8 for m in model.modules())
+
+
+def use_channels_last(requested: bool, device: torch.device, model: torch.nn.Module) -> bool:
+    """One memory-format decision for training and for ``imgclf evaluate``: the same kernels,
+    so the same test error in result.json and eval.json."""
+    return (requested and device.type in ("cpu", "cuda")
+            and not (device.type == "cpu" and _onednn_cl_hazard(model)))
 
 
 @torch.no_grad()
@@ -12,6 +27,12 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
              channels_last: bool = False) -> dict[str, float]:
     """Test loss and error (in %) over the whole set. Sums stay on the device until the end."""
     was_training = model.training
+    if world_size > 1:
+        # Each rank's BN running statistics last saw its own shard; the saved model holds rank 0's.
+        # Evaluate that model on every rank (DDP overwrites them from rank 0 at the next forward
+        # anyway), so result.json's test error is eval.json's.
+        for buf in model.buffers():
+            dist.broadcast(buf, 0)
     model.eval()
     device = images.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -85,9 +106,12 @@ def evaluate_run(run_dir) -> dict:
         raise unloadable(e) from None
     prec = Precision(precision_name(cfg), device)
     model = prec.cast_model(model.to(device))
+    channels_last = use_channels_last(cfg.train.channels_last, device, model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     images, labels = data.test_images.to(device), data.test_labels.to(device)
     out = evaluate(model, images, labels, EvalTransform(*data.normalization, device),
-                   batch_size=cfg.validation.batch_size, precision=prec)
+                   batch_size=cfg.validation.batch_size, precision=prec, channels_last=channels_last)
     out.update({"train_seconds": result.get("train_seconds"), "wall_seconds": result.get("wall_seconds"),
                 "gpu": result.get("gpu"), "epochs": result.get("epochs"), "seed": cfg.train.seed,
                 "n_params": result.get("n_params"), "diverged": bool(result.get("diverged", False))})

@@ -1,4 +1,5 @@
-"""Precision modes: fp32, amp (fp16 autocast + GradScaler), bf16 (autocast), fp16 (pure half,
+"""Precision modes: fp32 (IEEE), tf32 (fp32 storage, TF32 tensor-core matmuls and convolutions
+on Ampere and later), amp (fp16 autocast + GradScaler), bf16 (autocast), fp16 (pure half,
 the reference README's apex O3). The reference passes only opt_level to apex, so its modes are
 apex's defaults: O0 = fp32; O1 = amp (patched fp16 ops, dynamic loss scaling); O2 ("fp16
 weights, fp32 master weights", BN in fp32, dynamic loss scaling) is run as amp, which is what
@@ -20,10 +21,11 @@ class Precision:
     def __post_init__(self):
         if self.name == "fp16_master":
             self.name = "amp"
-        if self.device.type != "cuda" and self.name in ("amp", "fp16"):
+        # amp (fp16 autocast + GradScaler) runs on CPU too: slow, but the same code path as on a GPU.
+        if self.device.type != "cuda" and self.name == "fp16":
             raise ValueError(
-                f"train.precision {self.name} needs a CUDA device (fp16 kernels and loss scaling); "
-                "on CPU use fp32 or bf16"
+                f"train.precision {self.name} needs a CUDA device (pure fp16 training); "
+                "on CPU use fp32, amp or bf16"
             )
 
     @property
@@ -51,3 +53,46 @@ class Precision:
         steps these fp16 weights (no fp32 master copy). The reference's 19-76 % errors at large
         batches come from exactly this, so it is not "fixed" here."""
         return model.to(dtype=self.model_dtype)
+
+
+def backend_flags(precision: str, device_type: str, deterministic: bool) -> dict[str, bool]:
+    """The process-wide kernel policy of a run, as recorded in env.json.
+
+    ``fp32`` means IEEE fp32: TF32 is switched off explicitly, because cuDNN allows it by
+    default (so "fp32" convolutions on Ampere+ silently ran in TF32). ``tf32`` allows it.
+    ``deterministic`` asks for deterministic algorithms with cuDNN autotuning off (bit-exact
+    resume on CUDA); otherwise cuDNN benchmarks its algorithms on CUDA (fastest, not
+    reproducible bit for bit)."""
+    cuda = device_type == "cuda"
+    return {"tf32": precision == "tf32", "cudnn_benchmark": cuda and not deterministic,
+            "deterministic": deterministic}
+
+
+def apply_backend_flags(flags: dict[str, bool]) -> None:
+    import os
+
+    torch.backends.cuda.matmul.allow_tf32 = flags["tf32"]
+    torch.backends.cudnn.allow_tf32 = flags["tf32"]
+    torch.backends.cudnn.benchmark = flags["cudnn_benchmark"]
+    torch.backends.cudnn.deterministic = flags["deterministic"]
+    if flags["deterministic"]:
+        # cuBLAS is deterministic only with a fixed workspace (read when its handle is created).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: an op without a deterministic CUDA kernel warns (once) instead of killing the run.
+    torch.use_deterministic_algorithms(flags["deterministic"], warn_only=True)
+
+
+def guard_fused_first_step(optimizer: torch.optim.Optimizer) -> None:
+    """Fused SGD creates its momentum buffers with ``empty_like`` in its first step; when a
+    GradScaler finds an inf/NaN there the kernel skips the step and leaves the buffers as
+    uninitialized memory, used from then on. Zero buffers before the first step are
+    bit-identical to torch's first-step initialization (0 * momentum + grad = grad)."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if not group.get("fused") or not group.get("momentum"):
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -33,8 +33,8 @@ from imgclf.runs import load_run_config
 from imgclf.utils import atomic_write_text, write_json
 
 from . import checkpoint as ckpt, distenv, faults
-from .evaluator import evaluate
-from .precision import Precision
+from .evaluator import evaluate, use_channels_last
+from .precision import Precision, apply_backend_flags, backend_flags, guard_fused_first_step
 
 log = logging.getLogger(__name__)
 # With several ranks only global rank 0 hears SLURM's warning signal (submitit checkpoints on
@@ -75,13 +75,6 @@ def _launcher() -> str:
     return "torchrun" if os.environ.get("TORCHELASTIC_RUN_ID") else "debug"
 
 
-def _onednn_cl_hazard(model: nn.Module) -> bool:
-    """oneDNN's CPU weight gradient of a strided channels_last conv with 2..7 input channels
-    corrupts the heap (segfault / 'corrupted size vs. prev_size'; seen with torch 2.14, e.g. a
-    1x1 stride-2 shortcut of a model with initial_channels 4). Such (tiny) models stay NCHW on CPU."""
-    return any(isinstance(m, nn.Conv2d) and max(m.stride) > 1 and m.in_channels < 8 for m in model.modules())
-
-
 def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """``train.dist.use_sync_bn``: every BatchNorm normalises with the statistics of the global
     batch (SyncBatchNorm). torch's DDP refuses SyncBatchNorm on CPU ranks, deep inside its
@@ -120,6 +113,8 @@ class Trainer:
         if self.device.type == "cpu":  # the resolved config's thread count, whatever the job's CPUs
             torch.set_num_threads(cfg.train.threads)
         self.precision = Precision(C.precision(cfg), self.device)
+        self.backend_flags = backend_flags(self.precision.name, self.device.type, cfg.train.deterministic)
+        apply_backend_flags(self.backend_flags)
         self.progress = self.is_main if progress is None else (progress and self.is_main)
 
         data = load_data(cfg.dataset.name, root=cfg.data_root, folder=cfg.dataset.dataset_dir or None)
@@ -130,8 +125,7 @@ class Trainer:
         self.n_params = sum(p.numel() for p in model.parameters())
         if self.world_size > 1 and cfg.train.dist.use_sync_bn:
             model = sync_batchnorm(model, self.device)
-        self.channels_last = (cfg.train.channels_last and self.device.type in ("cpu", "cuda")
-                              and not (self.device.type == "cpu" and _onednn_cl_hazard(model)))
+        self.channels_last = use_channels_last(cfg.train.channels_last, self.device, model)
         model = self.precision.cast_model(model.to(self.device))
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -161,11 +155,15 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, model)
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.loader))
         self.scaler = self.precision.make_scaler()
+        guard_fused_first_step(self.optimizer)
         self.train_transform = TrainTransform(cfg.augmentation, *data.normalization, self.n_classes,
                                               data.image_size, self.device)
         self.eval_transform = EvalTransform(*data.normalization, self.device)
         self.test_images = data.test_images.to(self.device)
         self.test_labels = data.test_labels.to(self.device)
+
+        if self.step_model is not self.ddp_model:
+            self._compile_now(data)
 
         # Progress state (restored from a checkpoint on resume).
         self.epoch = 0  # the epoch being (or next to be) trained, 0-based
@@ -174,6 +172,30 @@ class Trainer:
         self.log_rows: list[dict[str, Any]] = []
         self.wall_seconds = 0.0
         self.rollbacks = 0
+
+    def _compile_now(self, data) -> None:
+        """torch.compile compiles lazily, at the first call: a missing compiler or an unsupported
+        model would surface in the first training step. Run one forward/backward of a zero batch
+        of the training shape now (so the compiled graphs are the ones training reuses), fall back
+        to eager on any failure, and restore every parameter, buffer and gradient it touched."""
+        batch = self.cfg.train.batch_size // self.world_size // self.cfg.train.subdivision
+        x = torch.zeros((batch, data.n_channels, data.image_size, data.image_size), device=self.device,
+                        dtype=self.precision.input_dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+        try:
+            with self.precision.autocast():
+                out = self.step_model(x)
+            out.float().sum().backward()
+        except Exception as e:  # noqa: BLE001 - compile is an optional speed-up
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            log.warning("train.compile: torch.compile failed on this model/device (%s: %s); running eagerly",
+                        type(e).__name__, first[:200])
+            self.step_model = self.ddp_model
+        finally:
+            self.model.load_state_dict(saved)
+            self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -279,6 +301,12 @@ class Trainer:
         return type(batch)(images, batch.targets[r::w], batch.labels[r::w])
 
     def _check_finite(self, loss_sum: torch.Tensor, step: int) -> None:
+        if self.world_size > 1:
+            # Every rank checks at the same steps and sees the sum over ranks (non-finite if any
+            # rank's is): they raise together, instead of one raising while the others hang in
+            # the next all-reduce until the job's time limit.
+            loss_sum = loss_sum.detach().clone()
+            dist.all_reduce(loss_sum)
         value = float(loss_sum.item())
         if not math.isfinite(value):
             raise Diverged(f"{self.run_dir}: training loss became {value} in epoch {self.epoch + 1}, "
@@ -345,7 +373,8 @@ class Trainer:
         epochs = cfg.scheduler.epochs
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
-            write_json(self.run_dir / "env.json", environment(self.device, self.world_size))
+            write_json(self.run_dir / "env.json", {**environment(self.device, self.world_size),
+                                                   "precision": self.precision.name, **self.backend_flags})
         started = time.perf_counter()
         wall_before = self.wall_seconds
         bar = None

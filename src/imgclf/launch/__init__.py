@@ -21,6 +21,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 LAUNCHERS = ("debug", "local", "slurm")
+# Seconds kept, after the checkpoint wait, for submitit to requeue the job before SLURM's kill.
+REQUEUE_MARGIN_S = 20
 
 
 @dataclass
@@ -50,18 +52,22 @@ class TrainJob:
     training runs in a worker thread, so the handler can ask it to stop at the next step
     boundary, wait for the checkpoint, and hand submitit the same job to requeue."""
 
-    def __init__(self, run_dir: str | Path, progress: bool = False, evaluate: bool = False):
+    def __init__(self, run_dir: str | Path, progress: bool = False, evaluate: bool = False,
+                 signal_delay_s: int = 90):
         self.run_dir = str(Path(run_dir).resolve())
         self.progress = progress
         self.evaluate = evaluate
+        self.signal_delay_s = signal_delay_s
         self._stop: threading.Event | None = None
         self._saved: threading.Event | None = None
 
     def __getstate__(self):  # events are per process, never pickled
-        return {"run_dir": self.run_dir, "progress": self.progress, "evaluate": self.evaluate}
+        return {"run_dir": self.run_dir, "progress": self.progress, "evaluate": self.evaluate,
+                "signal_delay_s": self.signal_delay_s}
 
     def __setstate__(self, state):
-        self.__init__(state["run_dir"], state["progress"], state.get("evaluate", False))
+        self.__init__(state["run_dir"], state["progress"], state.get("evaluate", False),
+                      state.get("signal_delay_s", 90))
 
     def __call__(self) -> dict[str, Any]:
         from imgclf.engine import trainer
@@ -117,10 +123,17 @@ class TrainJob:
 
         if self._stop is not None:
             self._stop.set()
-            if not self._saved.wait(timeout=120):
-                log.warning("%s: no checkpoint within 120 s of the stop request; resuming from the last one",
-                            self.run_dir)
-        return submitit.helpers.DelayedSubmission(TrainJob(self.run_dir, self.progress, self.evaluate))
+            wait = self.checkpoint_wait_s()
+            if not self._saved.wait(timeout=wait):
+                log.warning("%s: no checkpoint within %.0f s of the stop request; resuming from the last one",
+                            self.run_dir, wait)
+        return submitit.helpers.DelayedSubmission(TrainJob(self.run_dir, self.progress, self.evaluate,
+                                                           self.signal_delay_s))
+
+    def checkpoint_wait_s(self) -> float:
+        """SLURM's warning comes signal_delay_s before the kill: wait for the checkpoint at most
+        that long, less REQUEUE_MARGIN_S for submitit to requeue the job (and at least 1 s)."""
+        return max(1.0, self.signal_delay_s - REQUEUE_MARGIN_S)
 
 
 def _job_setup() -> None:
@@ -190,7 +203,8 @@ def submit(run_dir: str | Path, launcher: str = "debug", resources: Resources | 
         with contextlib.redirect_stderr(captured):
             ex = _submitit_executor(launcher, Path(run_dir) / "submitit", res)  # no srun: RuntimeError
             ex.update_parameters(name=job_name)
-            return ex.submit(TrainJob(run_dir, evaluate=evaluate))
+            delay = min(res.signal_delay_s, 30) if launcher == "local" else res.signal_delay_s
+            return ex.submit(TrainJob(run_dir, evaluate=evaluate, signal_delay_s=delay))
     except FileNotFoundError as e:
         raise SubmissionError(f"{run_dir}: cannot submit with launcher {launcher}: {e.filename or e} not found "
                               "(use --launcher debug or local on a machine without SLURM)") from None
