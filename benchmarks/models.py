@@ -55,12 +55,14 @@ def recipe(name: str, smoke: bool) -> config.Config:
 
 
 def train_step(cfg: config.Config, device: torch.device, *, batch_size: int, precision: str = "fp32",
-               channels_last: bool = True):
-    """(step, model): one training step of ``cfg``'s model on a fixed random batch."""
+               channels_last: bool = True, compile_mode: str | None = None):
+    """(step, model): one training step of ``cfg``'s model on a fixed random batch; with
+    ``compile_mode``, the model's forward and backward through ``torch.compile(mode=...)``."""
     model = models.build(cfg, in_channels=3, n_classes=10).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
+    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
     opt = build_optimizer(cfg, model)
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     if channels_last:
@@ -71,7 +73,7 @@ def train_step(cfg: config.Config, device: torch.device, *, batch_size: int, pre
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with autocast(device, precision):
-            out = model(x)
+            out = forward(x)
         scaler.scale(F.cross_entropy(out.float(), y)).backward()
         scaler.step(opt)
         scaler.update()
