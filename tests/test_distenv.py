@@ -66,11 +66,7 @@ def test_every_rank_of_a_job_agrees_on_the_rendezvous():
     ds = [distenv.resolve(slurm_task(r, 16, 2)) for r in range(16)]
     assert {(d.master_addr, d.master_port, d.world_size) for d in ds} == {("gpu07", PORT_4242, 16)}
     assert sorted(d.rank for d in ds) == list(range(16))
-    assert MIN_PORT_OK(PORT_4242)
-
-
-def MIN_PORT_OK(port):
-    return distenv.MIN_PORT <= port <= distenv.MAX_PORT
+    assert distenv.MIN_PORT <= PORT_4242 <= distenv.MAX_PORT
 
 
 @pytest.mark.parametrize("batch,world,sub,ok", [(128, 4, 1, 32), (128, 8, 2, 16), (128, 3, 1, None),
@@ -81,7 +77,8 @@ def test_a_gpu_count_that_does_not_divide_the_batch_is_refused_in_one_line(batch
         return
     with pytest.raises(ValueError) as e:
         distenv.per_rank_batch(batch, world, sub)
-    assert "\n" not in str(e.value) and f"train.batch_size {batch}" in str(e.value) and f"world size {world}" in str(e.value)
+    msg = str(e.value)
+    assert "\n" not in msg and f"train.batch_size {batch}" in msg and f"world size {world}" in msg
 
 
 @pytest.mark.parametrize("requested,n_visible,local_world,why", [

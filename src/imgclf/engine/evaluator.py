@@ -71,7 +71,7 @@ def evaluate_run(run_dir) -> dict:
     from imgclf.runs import load_run_config
 
     from . import distenv
-    from .precision import Precision
+    from .precision import Precision, apply_backend_flags, backend_flags
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -105,6 +105,7 @@ def evaluate_run(run_dir) -> dict:
     except Exception as e:  # noqa: BLE001
         raise unloadable(e) from None
     prec = Precision(precision_name(cfg), device)
+    apply_backend_flags(backend_flags(prec.name, device.type, cfg.train.deterministic))  # the training's kernels
     model = prec.cast_model(model.to(device))
     channels_last = use_channels_last(cfg.train.channels_last, device, model)
     if channels_last:
