@@ -106,7 +106,10 @@ def job_env(monkeypatch):
     """A clean environment for launch._job_setup, restored afterwards (it writes os.environ)."""
     for k in [*distenv.EXPORTED, "CUDA_VISIBLE_DEVICES", "SLURM_CPUS_PER_TASK", "TORCHELASTIC_RUN_ID",
               "SUBMITIT_LOCAL_JOB_ID", "SUBMITIT_EXECUTOR"] + [k for k in os.environ if k.startswith("SLURM_")]:
-        monkeypatch.delenv(k, raising=False)
+        # setenv first: monkeypatch records (and so restores) only what it changes, and _job_setup
+        # writes RANK/WORLD_SIZE/MASTER_* that would otherwise leak into the next test's Trainer.
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
 
     def set_env(env):
         for k, v in env.items():
@@ -143,3 +146,7 @@ def test_job_setup_replaces_rendezvous_inherited_from_the_submitting_shell(job_e
     assert got == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "MASTER_ADDR": "gpu07",
                    "MASTER_PORT": str(PORT_4242)}
     assert "MASTER_ADDR=login01" in caplog.text  # said, not silent
+
+
+def test_no_variable_of_the_job_setup_tests_leaks():
+    assert "WORLD_SIZE" not in os.environ and "MASTER_ADDR" not in os.environ
