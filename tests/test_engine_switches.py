@@ -443,6 +443,8 @@ def test_sync_bn_converts_every_batchnorm_and_refuses_cpu_ranks_clearly(tmp_path
     synced = engine_trainer.sync_batchnorm(copy.deepcopy(model), torch.device("cuda"))
     assert bns and all(isinstance(dict(synced.named_modules())[n], nn.SyncBatchNorm) for n in bns)
     assert synced.state_dict().keys() == model.state_dict().keys()
-    monkeypatch.setattr(engine_trainer, "_init_distributed", lambda cfg: (0, 2, 0))  # 2 ranks, no group needed
+    two_ranks = engine_trainer.distenv.DistEnv(rank=0, world_size=2, local_world_size=2)
+    monkeypatch.setattr(engine_trainer.distenv, "current", lambda device: (two_ranks, torch.device("cpu")))
+    monkeypatch.setattr(engine_trainer, "_init_distributed", lambda *args: None)  # 2 ranks, no group needed
     with pytest.raises(ValueError, match=r"^train.dist.use_sync_bn: SyncBatchNorm needs GPU ranks[^\n]*$"):
         Trainer(make_run(tmp_path / "run", **ONE_STEP, **{"train.dist.use_sync_bn": True}), progress=False)
