@@ -209,7 +209,8 @@ def submit(run_dir: str | Path, launcher: str = "debug", resources: Resources | 
         raise SubmissionError(f"{run_dir}: cannot submit with launcher {launcher}: {e.filename or e} not found "
                               "(use --launcher debug or local on a machine without SLURM)") from None
     except Exception as e:  # noqa: BLE001 - submitit's FailedJobError, CalledProcessError, OSError
-        said = _last_line(e) if str(e).strip() else (captured.getvalue().strip().splitlines() or [type(e).__name__])[-1]
+        lines = [ln for ln in (str(e).strip() or captured.getvalue().strip()).splitlines() if ln.strip()]
+        said = lines[-1] if lines else type(e).__name__
         raise SubmissionError(f"{run_dir}: submission with launcher {launcher} failed: {said[:300]}") from None
 
 
