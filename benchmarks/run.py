@@ -13,7 +13,7 @@ Measures, on one device:
   3. The data pipeline (DeviceLoader gather + TrainTransform) as % of the step.
   4. Training step of every family's seed recipe at the recipe's batch size, fp32 and
      the device's best precision, channels_last, beside the plain step where it fits.
-  5. Snakemake's planning time (``benchmarks.planning``): ``snakemake -n all_tables``
+  5. Snakemake's planning time (``benchmarks.planning``): ``snakemake --profile slurm -n all_tables``
      repeated, and every table alone.
 Each device has one section of RESULTS.md; a run replaces its own device's section
 and keeps the others. ``--smoke`` writes only where ``--out`` says (default: stdout).
@@ -206,7 +206,7 @@ def families_section(device: torch.device, s: Settings, args, data) -> list[dict
 
 # ------------------------------------------------------------------ 5. snakemake
 def snakemake_section(args):
-    """``snakemake -n all_tables`` repeated (one run in smoke mode), and in a full run every table alone."""
+    """``snakemake --profile slurm -n all_tables`` repeated (one run in smoke mode), and in a full run every table alone."""
     all_tables = planning.measure("all_tables", 1 if args.smoke else args.plan_repeats, args.snakemake_timeout)
     each = [] if args.smoke else [planning.measure(f"results/tables/{name}.md", 1, args.snakemake_timeout)
                                   for name in planning.table_names()]

@@ -770,7 +770,7 @@ README = (REPO / "README.md").read_text()
 
 
 def test_readme_plan_counts_are_the_plan():
-    m = re.search(r"(\d+) tables, (\d+) rows \((\d+) distinct runs, (\d+) run-seeds\); `snakemake -n all_tables` "
+    m = re.search(r"(\d+) tables, (\d+) rows \((\d+) distinct runs, (\d+) run-seeds\); `snakemake --profile slurm -n all_tables` "
                   r"plans them all\s+\((\d+) jobs", README)
     assert m, "the README's plan sentence changed; update this test"
     tables, rows, runs_, seeds, jobs = map(int, m.groups())
