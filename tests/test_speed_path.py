@@ -26,3 +26,23 @@ def test_evaluating_and_checkpointing_every_few_epochs_keeps_the_last_epoch_test
     evaluated = [not math.isnan(float(r["test_error"])) for r in rows(sparse)]
     assert evaluated == [False, True, True]  # epoch 2 (the period) and the last epoch
     assert torch.load(sparse / "checkpoint.pt", weights_only=True)["epoch"] == 3
+
+
+def test_eval_period_is_the_reference_val_period_under_another_name(tmp_path):
+    """train.eval_period is an alias: it sets train.val_period (one field, one value, one run id),
+    from a recipe mapping or an override; the reference README's train.val_period keeps working."""
+    from imgclf import config as C
+
+    ref = C.build(overrides={"train.val_period": 3})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  eval_period: 3\n")
+    for cfg in (C.build(overrides={"train.eval_period": 3}), C.build(recipe)):
+        assert cfg.train.val_period == 3 and C.config_hash(cfg) == C.config_hash(ref)
+        assert C.get_key(cfg, "train.eval_period") == 3
+    assert C.Config().train.val_period == 1 and C.Config().train.checkpoint_period == 1  # every epoch
+    try:
+        C.build(overrides={"train.eval_period": 0})
+    except C.ConfigError as e:
+        assert str(e).startswith("override train.val_period") and "\n" not in str(e)
+    else:
+        raise AssertionError("eval_period 0 accepted")

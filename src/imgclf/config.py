@@ -181,12 +181,12 @@ class TrainConfig:
     start_epoch: int = 0
     seed: int = 0
     val_first: bool = False
-    val_period: int = 1
+    val_period: int = 1  # evaluate every this many epochs (and at the last); alias train.eval_period
     val_ratio: float = 0.0
     use_test_as_val: bool = True
     output_dir: str = ""
     log_period: int = 100
-    checkpoint_period: int = 1
+    checkpoint_period: int = 1  # checkpoint every this many epochs (and at the last)
     use_tensorboard: bool = False
     channels_last: bool = True
     compile: bool = False
@@ -358,6 +358,9 @@ def _field_kinds(cls: type) -> tuple[tuple[str, bool], ...]:
 
 
 PRECISION_ALIASES = {"O0": "fp32", "O1": "amp", "O2": "fp16_master", "O3": "fp16"}
+# Other spellings of a key, read into the one field they name (one value, no second source of
+# truth). train.eval_period is the speed-path issue's name for the reference's train.val_period.
+KEY_ALIASES = {"train.eval_period": "train.val_period"}
 PRECISIONS = ("fp32", "tf32", "amp", "bf16", "fp16", "fp16_master")
 DATASET_NAMES = ("digits", "MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
 # (channels, height, width) of each dataset's images: config checks need them before any data is read.
@@ -553,6 +556,7 @@ def parse_scalar(text: str) -> Any:
 
 
 def set_key(cfg: Config, key: str, value: Any, where: str = "") -> None:
+    key = KEY_ALIASES.get(key, key)
     node: Any = cfg
     parts = key.split(".")
     for i, part in enumerate(parts):
@@ -572,6 +576,7 @@ def set_key(cfg: Config, key: str, value: Any, where: str = "") -> None:
 
 
 def get_key(cfg: Config, key: str) -> Any:
+    key = KEY_ALIASES.get(key, key)
     node: Any = cfg
     for part in key.split("."):
         if not hasattr(node, part):
@@ -656,12 +661,12 @@ def build(recipe: str | Path | None = None, overrides: dict[str, Any] | None = N
     if recipe is not None:
         for key, value in _recipe_items(recipe):
             set_key(cfg, key, value, where=f"{recipe}: ")
-            sources[str(key)] = f"{recipe}: "
+            sources[KEY_ALIASES.get(str(key), str(key))] = f"{recipe}: "
     for key, value in (overrides or {}).items():
         if not isinstance(key, str):
             raise ConfigError(f"override {key!r}: a config key must be a string like 'train.base_lr'")
         set_key(cfg, key, value, where="override ")
-        sources[key] = "override "
+        sources[KEY_ALIASES.get(key, key)] = "override "
     try:
         validate(cfg)
     except ConfigError as e:
