@@ -46,3 +46,64 @@ def test_eval_period_is_the_reference_val_period_under_another_name(tmp_path):
         assert str(e).startswith("override train.val_period") and "\n" not in str(e)
     else:
         raise AssertionError("eval_period 0 accepted")
+
+
+_AUG = {"augmentation.use_mixup": True, "augmentation.use_cutout": True, "augmentation.cutout.mask_size": 4}
+
+
+def _stop_after(trainer, n_steps):
+    """Request a stop after the n-th training step (whenever the batches were augmented)."""
+    inner, calls = trainer._train_step, []
+
+    def counting(*args):
+        calls.append(1)
+        if len(calls) == n_steps:
+            trainer.stop_event.set()
+        return inner(*args)
+
+    trainer._train_step = counting
+
+
+def test_whole_epoch_augmentation_buffer_trains_bit_identically_and_resumes_mid_epoch(tmp_path):
+    """train.epoch_augmentation: the epoch's batches are made at its start, with the per-step
+    path's (seed, epoch, step) draws, so the weights and the log are the per-step run's, bit for
+    bit; stopped at epoch 2 step 4 and resumed (the buffer made for the rest of the epoch), too."""
+    import threading
+
+    import pytest
+
+    from imgclf.engine import Preempted, Trainer
+
+    overrides = {"scheduler.epochs": 2, **_AUG}
+    plain = make_run(tmp_path / "plain", **overrides)
+    train(plain, progress=False)
+    whole = make_run(tmp_path / "buffer", **overrides, **{"train.epoch_augmentation": True})
+    made = []
+    trainer = Trainer(whole, progress=False)
+    inner = trainer._epoch_buffer_fits
+    trainer._epoch_buffer_fits = lambda: made.append(inner()) or made[-1]
+    trainer.fit()
+    assert made == [True, True]  # the buffer was used in both epochs
+    stopped = make_run(tmp_path / "stopped", **overrides, **{"train.epoch_augmentation": True})
+    trainer = Trainer(stopped, progress=False, stop_event=threading.Event())
+    _stop_after(trainer, 14)
+    with pytest.raises(Preempted, match="epoch 2 step 4"):
+        trainer.fit()
+    del trainer
+    train(stopped, progress=False)
+    wa = torch.load(plain / "model.pt", weights_only=True)
+    for run in (whole, stopped):
+        wb = torch.load(run / "model.pt", weights_only=True)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert [(r["train_loss"], r["test_error"]) for r in rows(run)] == \
+            [(r["train_loss"], r["test_error"]) for r in rows(plain)]
+
+
+def test_whole_epoch_augmentation_falls_back_to_per_step_above_its_memory_budget(tmp_path, caplog):
+    run = make_run(tmp_path / "run", **{"scheduler.epochs": 1, "train.epoch_augmentation": True,
+                                        "train.epoch_augmentation_max_gb": 1e-6})
+    plain = make_run(tmp_path / "plain", **{"scheduler.epochs": 1})
+    with caplog.at_level("WARNING", logger="imgclf.engine.trainer"):
+        assert train(run, progress=False)["train_loss"] == train(plain, progress=False)["train_loss"]
+    lines = [r.getMessage() for r in caplog.records if "epoch_augmentation" in r.getMessage()]
+    assert len(lines) == 1 and "more than train.epoch_augmentation_max_gb 1e-06; augmenting per step" in lines[0]

@@ -194,6 +194,13 @@ class TrainConfig:
     # Off, CUDA runs let cuDNN pick its fastest (nondeterministic) algorithms. CPU runs are
     # deterministic either way.
     deterministic: bool = False
+    # The GPU speed path (bit-identical to the plain path on CPU, so not part of the run id):
+    # epoch_augmentation makes every step's augmented, normalized batch of an epoch at the epoch's
+    # start (the same per-(seed, epoch, step) draws as the per-step path) into a resident buffer in
+    # the precision's input dtype (channels_last where the model uses it); the steps only index it.
+    # Above epoch_augmentation_max_gb it falls back to per-step augmentation, with a log line.
+    epoch_augmentation: bool = False
+    epoch_augmentation_max_gb: float = 4.0
     on_divergence: str = "stop"  # stop | rollback (to the last checkpoint, with a lower lr)
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
@@ -387,6 +394,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.val_ratio": (0, 1, True, False),
     "train.log_period": (0, None, False, True),
     "train.checkpoint_period": (0, None, False, True),
+    "train.epoch_augmentation_max_gb": (0, None, False, True),
     "train.threads": (0, 1024, False, True),
     "train.rollback_lr_factor": (0, 1, False, False),
     "train.max_rollbacks": (0, None, True, True),
@@ -831,7 +839,8 @@ def precision(cfg: Config) -> str:
 NON_SEMANTIC = ("train.seed", "train.output_dir", "train.resume", "train.checkpoint", "data_root",
                 "dataset.dataset_dir", "device", "train.log_period", "train.use_tensorboard",
                 "train.checkpoint_period", "train.dataloader", "validation.dataloader", "train.use_apex",
-                "train.dist.local_rank", "train.dist.node_rank", "train.distributed", "train.deterministic")
+                "train.dist.local_rank", "train.dist.node_rank", "train.distributed", "train.deterministic",
+                "train.epoch_augmentation", "train.epoch_augmentation_max_gb")
 
 
 def config_hash(cfg: Config, length: int = 8) -> str:

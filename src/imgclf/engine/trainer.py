@@ -315,12 +315,11 @@ class Trainer:
     def _train_epoch(self, bar) -> None:
         cfg = self.cfg
         self.model.train()
-        # Dropout / shake-shake draw from the global generator: reseed it per (epoch, step).
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = 0
         t0 = time.perf_counter()
-        for step, images, labels in self.loader.batches(self.epoch, start=self.step_in_epoch):
+        for step, make_batch in self._epoch_batches():
             if self._stop_requested(step):
                 self._flush_accum(loss_sum, correct, seen, t0)
                 self.save_checkpoint()
@@ -329,13 +328,9 @@ class Trainer:
                     log.warning("%s", message)  # in the job's log: where the requeued job resumes
                 self.saved_event.set()
                 raise Preempted(message)
-            seed = derive_seed(cfg.train.seed, self.epoch, step)
-            torch.manual_seed(seed)
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            if cfg.train.dist.mixer_per_rank and self.world_size > 1:  # as the reference's per-process collator
-                batch = self.train_transform(images, labels, gen, mix_shard=(self.rank, self.world_size))
-            else:
-                batch = self._shard(self.train_transform(images, labels, gen))
+            # Dropout / shake-shake draw from the global generator: reseeded per (epoch, step).
+            torch.manual_seed(derive_seed(cfg.train.seed, self.epoch, step))
+            batch = make_batch()
             loss, n_correct = self._train_step(batch.images, batch.targets, batch.labels)
             loss_sum += loss.double() * len(batch.labels)
             correct += n_correct
@@ -347,6 +342,51 @@ class Trainer:
                 self._check_finite(loss_sum, step)
         self._check_finite(loss_sum, len(self.loader) - 1)
         self._flush_accum(loss_sum, correct, seen, t0)
+
+    def _augment(self, step: int, images: torch.Tensor, labels: torch.Tensor):
+        """This rank's augmented batch of ``step``: every draw from a generator seeded by
+        (seed, epoch, step), so it is the same whenever (and in whichever order) it is made."""
+        cfg = self.cfg
+        gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.train.seed, self.epoch, step))
+        if cfg.train.dist.mixer_per_rank and self.world_size > 1:  # as the reference's per-process collator
+            return self.train_transform(images, labels, gen, mix_shard=(self.rank, self.world_size))
+        return self._shard(self.train_transform(images, labels, gen))
+
+    def _epoch_batches(self):
+        """(step, a function giving the step's batch) from ``step_in_epoch`` on: augmented at the
+        step, or (train.epoch_augmentation) taken from the epoch's resident buffer."""
+        batches = self.loader.batches(self.epoch, start=self.step_in_epoch)
+        if not (self.cfg.train.epoch_augmentation and self._epoch_buffer_fits()):
+            for step, images, labels in batches:
+                yield step, lambda s=step, i=images, y=labels: self._augment(s, i, y)
+            return
+        buffer = []  # the rest of the epoch, made before its first step
+        for step, images, labels in batches:
+            b = self._augment(step, images, labels)
+            x = b.images.to(self.precision.input_dtype)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            buffer.append((step, type(b)(x, b.targets, b.labels)))
+        for step, b in buffer:
+            yield step, lambda b=b: b
+
+    def _epoch_buffer_fits(self) -> bool:
+        """The buffer holds the epoch's inputs, targets and labels: above
+        train.epoch_augmentation_max_gb, augment per step instead (the same numbers, slower)."""
+        cfg, data = self.cfg, self.data
+        steps = len(self.loader) - self.step_in_epoch
+        per_sample = (data.n_channels * data.image_size ** 2 * self.precision.input_dtype.itemsize
+                      * (2 if cfg.augmentation.use_dual_cutout else 1) + 4 * self.n_classes + 8)
+        need = steps * (cfg.train.batch_size // self.world_size) * per_sample
+        budget = cfg.train.epoch_augmentation_max_gb * 2 ** 30
+        if need <= budget:
+            return True
+        if not getattr(self, "_warned_buffer", False):
+            log.warning("train.epoch_augmentation: the epoch's buffer needs %.2f GB, more than "
+                        "train.epoch_augmentation_max_gb %g; augmenting per step", need / 2 ** 30,
+                        cfg.train.epoch_augmentation_max_gb)
+            self._warned_buffer = True
+        return False
 
     def _stop_requested(self, step: int) -> bool:
         if self.world_size == 1:
