@@ -107,3 +107,74 @@ def test_whole_epoch_augmentation_falls_back_to_per_step_above_its_memory_budget
         assert train(run, progress=False)["train_loss"] == train(plain, progress=False)["train_loss"]
     lines = [r.getMessage() for r in caplog.records if "epoch_augmentation" in r.getMessage()]
     assert len(lines) == 1 and "more than train.epoch_augmentation_max_gb 1e-06; augmenting per step" in lines[0]
+
+
+def test_capturable_step_trains_bit_identically_to_the_plain_step(tmp_path):
+    """train.capturable_step: the lr as a tensor filled in place, the same math: the same weights
+    and log (the lr column included) as the plain step, also across a mid-epoch stop and resume."""
+    import threading
+
+    import pytest
+
+    from imgclf.engine import Preempted, Trainer
+
+    overrides = {"scheduler.epochs": 2, "scheduler.type": "cosine", **_AUG}
+    plain = make_run(tmp_path / "plain", **overrides)
+    train(plain, progress=False)
+    run = make_run(tmp_path / "capturable", **overrides, **{"train.capturable_step": True})
+    trainer = Trainer(run, progress=False, stop_event=threading.Event())
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor)
+    _stop_after(trainer, 14)
+    with pytest.raises(Preempted, match="epoch 2 step 4"):
+        trainer.fit()
+    assert trainer.optimizer.param_groups[0]["lr"] is lr  # filled in place, never replaced
+    del trainer
+    resumed = Trainer(run, progress=False)
+    resumed.resume()
+    assert isinstance(resumed.optimizer.param_groups[0]["lr"], torch.Tensor)
+    resumed.fit()
+    wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (plain, run))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [(r["lr"], r["train_loss"], r["test_error"]) for r in rows(run)] == \
+        [(r["lr"], r["train_loss"], r["test_error"]) for r in rows(plain)]
+
+
+def test_capturable_step_reads_nothing_back_to_the_host(tmp_path, monkeypatch):
+    """No .item()/float()/bool() of a tensor inside the step, and the optimizer step with the
+    tensor lr traces as one graph (fullgraph=True fails on any host read)."""
+    from imgclf.engine import Trainer
+
+    run = make_run(tmp_path / "run", **{"scheduler.epochs": 1, "train.capturable_step": True})
+    trainer = Trainer(run, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    images, labels = next(iter(trainer.loader.batches(0)))[1:]
+    batch = trainer.train_transform(images, labels, gen)
+    before = trainer.model.state_dict()["fc.weight"].clone()
+    # The optimizer step traced by dynamo: a host read (.item(), a tensor lr turned into a number)
+    # would be a graph break of its own; the only breaks are torch's own around no_grad.
+    opt = trainer.optimizer  # (its own step: the scheduler's step-counting wrapper is not traceable)
+    explained = []
+    opt.step = lambda: explained.append(torch._dynamo.explain(lambda: type(opt).step(opt))())
+
+    def host_read(*_):
+        raise AssertionError("host read inside the capturable step")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+            m.setattr(torch.Tensor, name, host_read)
+        loss, correct = trainer._step_body(batch.images, batch.targets, batch.labels)
+    assert loss.dim() == 0 and correct.dim() == 0 and 0 < loss.item()
+    assert not torch.equal(before, trainer.model.state_dict()["fc.weight"])  # the step stepped
+    (report,) = explained
+    reasons = [str(b.reason) for b in report.break_reasons]
+    assert report.graph_count >= 1 and all("graph_break()" in r for r in reasons), reasons
+
+
+def test_capturable_step_needs_sgd():
+    import pytest
+
+    from imgclf import config as C
+
+    with pytest.raises(C.ConfigError, match="^override train.capturable_step: needs train.optimizer sgd"):
+        C.build(overrides={"train.capturable_step": True, "train.optimizer": "adam"})

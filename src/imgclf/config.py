@@ -201,6 +201,10 @@ class TrainConfig:
     # Above epoch_augmentation_max_gb it falls back to per-step augmentation, with a log line.
     epoch_augmentation: bool = False
     epoch_augmentation_max_gb: float = 4.0
+    # capturable_step: the learning rate is a tensor in the optimizer's param groups (the scheduler
+    # fills it in place) and nothing in the step reads a value back to the host, so on CUDA the
+    # whole step (forward, backward, optimizer) runs under torch.compile(mode="max-autotune").
+    capturable_step: bool = False
     on_divergence: str = "stop"  # stop | rollback (to the last checkpoint, with a lower lr)
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
@@ -728,6 +732,9 @@ def validate(cfg: Config) -> None:
         if get_key(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0 (0 = the dataset's own), got {get_key(cfg, key)}")
     _check_dataset_shape(cfg)
+    if cfg.train.capturable_step and cfg.train.optimizer != "sgd":
+        raise ConfigError(f"train.capturable_step: needs train.optimizer sgd (torch's SGD reads a tensor "
+                          f"learning rate on the device), got '{cfg.train.optimizer}'; set it False")
     for key, bounds in RANGES.items():
         _check_range(key, get_key(cfg, key), bounds)
     _check_model(cfg)
@@ -840,7 +847,7 @@ NON_SEMANTIC = ("train.seed", "train.output_dir", "train.resume", "train.checkpo
                 "dataset.dataset_dir", "device", "train.log_period", "train.use_tensorboard",
                 "train.checkpoint_period", "train.dataloader", "validation.dataloader", "train.use_apex",
                 "train.dist.local_rank", "train.dist.node_rank", "train.distributed", "train.deterministic",
-                "train.epoch_augmentation", "train.epoch_augmentation_max_gb")
+                "train.epoch_augmentation", "train.epoch_augmentation_max_gb", "train.capturable_step")
 
 
 def config_hash(cfg: Config, length: int = 8) -> str:

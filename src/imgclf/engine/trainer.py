@@ -156,6 +156,10 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.loader))
         self.scaler = self.precision.make_scaler()
         guard_fused_first_step(self.optimizer)
+        self._lr_kind()
+        self._step_fn = self._step_body
+        if cfg.train.capturable_step and self.device.type == "cuda":
+            self._step_fn = torch.compile(self._step_body, mode="max-autotune")
         self.train_transform = TrainTransform(cfg.augmentation, *data.normalization, self.n_classes,
                                               data.image_size, self.device)
         self.eval_transform = EvalTransform(*data.normalization, self.device)
@@ -218,6 +222,7 @@ class Trainer:
         self.log_rows = list(state["log_rows"])
         self.wall_seconds = state["wall_seconds"]
         self.rollbacks = state.get("rollbacks", 0)
+        self._lr_kind()
 
     def save_checkpoint(self) -> None:
         if self.is_main:
@@ -251,7 +256,31 @@ class Trainer:
             return loss, losses.dual_cutout_predict(logits)
         return losses.soft_cross_entropy(logits, targets), logits
 
+    def _lr_kind(self) -> None:
+        """train.capturable_step: each param group's lr a device tensor (read by the optimizer on
+        the device, filled in place by the scheduler), else a float; whatever a checkpoint held."""
+        for group in self.optimizer.param_groups:
+            lr = group["lr"]
+            if not self.cfg.train.capturable_step:
+                group["lr"] = float(lr)
+            elif not isinstance(lr, torch.Tensor) or lr.device != self.device or lr.dtype != torch.float32:
+                group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=self.device)
+
+    def _lr(self) -> float:
+        """The lr as logged: the scheduler's float (a tensor lr holds it rounded to float32)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        return float(self.scheduler.get_lr()[0]) if isinstance(lr, torch.Tensor) else lr
+
     def _train_step(self, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor):
+        loss_total, correct = self._step_fn(images, targets, labels)
+        faults.point("step")
+        self.scheduler.step()
+        return loss_total, correct
+
+    def _step_body(self, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor):
+        """Forward, backward and optimizer step. Nothing here reads a value back to the host
+        (the loss and the correct count stay on the device), so under train.capturable_step the
+        whole of it is one compiled (CUDA-graph capturable) function."""
         cfg = self.cfg
         chunks = cfg.train.subdivision
         dual = cfg.augmentation.use_dual_cutout
@@ -277,14 +306,12 @@ class Trainer:
                 self.scaler.scale(loss / chunks).backward()
             loss_total += loss.detach() / chunks
             correct += (pred_logits.argmax(1) == labels[sl]).sum()
-        faults.point("step")
         if cfg.train.gradient_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.gradient_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         return loss_total, correct
 
     def _shard(self, batch):
@@ -310,7 +337,7 @@ class Trainer:
         value = float(loss_sum.item())
         if not math.isfinite(value):
             raise Diverged(f"{self.run_dir}: training loss became {value} in epoch {self.epoch + 1}, "
-                           f"by step {step + 1} (lr {self.optimizer.param_groups[0]['lr']:.4g})")
+                           f"by step {step + 1} (lr {self._lr():.4g})")
 
     def _train_epoch(self, bar) -> None:
         cfg = self.cfg
@@ -441,7 +468,7 @@ class Trainer:
                 else:
                     evaluation = {"test_loss": float("nan"), "test_error": float("nan")}
                 a = self.accum
-                row = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                row = {"epoch": self.epoch + 1, "lr": self._lr(),
                        "train_loss": a["loss_sum"] / max(a["seen"], 1),
                        "train_error": 100.0 * (1 - a["correct"] / max(a["seen"], 1)),
                        "test_loss": evaluation["test_loss"], "test_error": evaluation["test_error"],
@@ -477,6 +504,7 @@ class Trainer:
         self.scheduler.base_lrs = [b * cfg.rollback_lr_factor for b in self.scheduler.base_lrs]
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
             group["lr"] = lr
+        self._lr_kind()
         log.warning("%s; rollback %d/%d to epoch %d with the lr scaled by %g", error, rollbacks,
                     cfg.max_rollbacks, self.epoch, cfg.rollback_lr_factor ** rollbacks)
         return True
