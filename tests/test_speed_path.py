@@ -178,3 +178,28 @@ def test_capturable_step_needs_sgd():
 
     with pytest.raises(C.ConfigError, match="^override train.capturable_step: needs train.optimizer sgd"):
         C.build(overrides={"train.capturable_step": True, "train.optimizer": "adam"})
+
+
+def test_benchmark_whole_step_with_a_tensor_lr_steps_like_the_plain_step(monkeypatch):
+    """benchmarks.gpu_steps --speed step: the measured step (lr a tensor) is the plain step's math."""
+    import benchmarks.models as bm
+    from benchmarks.gpu_steps import MODELS, _speed
+    from benchmarks.models import RECIPES, train_step
+    from imgclf import config
+
+    optimizers, real = [], bm.build_optimizer
+    monkeypatch.setattr(bm, "build_optimizer", lambda *a: optimizers.append(real(*a)) or optimizers[-1])
+
+    family, _, smoke = MODELS["resnet_preact20"]
+    cfg = config.build(RECIPES / f"{family}.yaml", {f"model.{family}.{k}": v for k, v in smoke.items()})
+    weights = []
+    for whole_step in (False, True):
+        torch.manual_seed(0)
+        step, model = train_step(cfg, torch.device("cpu"), batch_size=8, whole_step=whole_step)
+        step()
+        step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+    assert [type(o.param_groups[0]["lr"]) for o in optimizers] == [float, torch.Tensor]
+    assert [_speed({"speed_path": s, "whole_step": w}) for s, w in ((False, False), (True, False), (True, True))] \
+        == ["off", "on", "whole step"]
