@@ -2,6 +2,7 @@
 import csv
 import math
 
+import pytest
 import torch
 
 from conftest import make_run
@@ -70,8 +71,6 @@ def test_whole_epoch_augmentation_buffer_trains_bit_identically_and_resumes_mid_
     bit; stopped at epoch 2 step 4 and resumed (the buffer made for the rest of the epoch), too."""
     import threading
 
-    import pytest
-
     from imgclf.engine import Preempted, Trainer
 
     overrides = {"scheduler.epochs": 2, **_AUG}
@@ -113,8 +112,6 @@ def test_capturable_step_trains_bit_identically_to_the_plain_step(tmp_path):
     """train.capturable_step: the lr as a tensor filled in place, the same math: the same weights
     and log (the lr column included) as the plain step, also across a mid-epoch stop and resume."""
     import threading
-
-    import pytest
 
     from imgclf.engine import Preempted, Trainer
 
@@ -172,8 +169,6 @@ def test_capturable_step_reads_nothing_back_to_the_host(tmp_path, monkeypatch):
 
 
 def test_capturable_step_needs_sgd():
-    import pytest
-
     from imgclf import config as C
 
     with pytest.raises(C.ConfigError, match="^override train.capturable_step: needs train.optimizer sgd"):
@@ -203,3 +198,24 @@ def test_benchmark_whole_step_with_a_tensor_lr_steps_like_the_plain_step(monkeyp
     assert [type(o.param_groups[0]["lr"]) for o in optimizers] == [float, torch.Tensor]
     assert [_speed({"speed_path": s, "whole_step": w}) for s, w in ((False, False), (True, False), (True, True))] \
         == ["off", "on", "whole step"]
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("amp", torch.float16)])
+def test_whole_epoch_augmentation_buffer_holds_the_autocast_dtype_and_trains_bit_identically(
+        tmp_path, precision, dtype):
+    """Under autocast the buffer holds bf16 / fp16 inputs (half the memory): the first convolution
+    casts its input to that dtype anyway, so the weights equal the per-step path's."""
+    from imgclf.engine import Trainer
+
+    overrides = {"scheduler.epochs": 1, "train.precision": precision}
+    plain = make_run(tmp_path / "plain", **overrides)
+    train(plain, progress=False)
+    run = make_run(tmp_path / "buffer", **overrides, **{"train.epoch_augmentation": True})
+    trainer = Trainer(run, progress=False)
+    dtypes = []
+    inner = trainer._step_body
+    trainer._step_body = trainer._step_fn = lambda x, *a: dtypes.append(x.dtype) or inner(x, *a)
+    trainer.fit()
+    assert set(dtypes) == {dtype}
+    wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (plain, run))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -197,7 +197,8 @@ class TrainConfig:
     # The GPU speed path (bit-identical to the plain path on CPU, so not part of the run id):
     # epoch_augmentation makes every step's augmented, normalized batch of an epoch at the epoch's
     # start (the same per-(seed, epoch, step) draws as the per-step path) into a resident buffer in
-    # the precision's input dtype (channels_last where the model uses it); the steps only index it.
+    # the autocast dtype (fp16 / bf16) or the model's (channels_last where the model uses it); the
+    # steps only index it.
     # Above epoch_augmentation_max_gb it falls back to per-step augmentation, with a log line.
     epoch_augmentation: bool = False
     epoch_augmentation_max_gb: float = 4.0

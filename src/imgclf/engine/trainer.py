@@ -294,7 +294,8 @@ class Trainer:
                 x = torch.cat([images[:n][sl], images[n:][sl]])
             else:
                 x = images[sl]
-            x = x.to(self.precision.input_dtype)
+            if x.dtype != self.precision.buffer_dtype:  # (an epoch buffer's inputs already are)
+                x = x.to(self.precision.input_dtype)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             sync = (self.ddp_model.no_sync() if self.world_size > 1 and i < chunks - 1 else nullcontext())
@@ -390,7 +391,7 @@ class Trainer:
         buffer = []  # the rest of the epoch, made before its first step
         for step, images, labels in batches:
             b = self._augment(step, images, labels)
-            x = b.images.to(self.precision.input_dtype)
+            x = b.images.to(self.precision.buffer_dtype)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             buffer.append((step, type(b)(x, b.targets, b.labels)))
@@ -402,7 +403,7 @@ class Trainer:
         train.epoch_augmentation_max_gb, augment per step instead (the same numbers, slower)."""
         cfg, data = self.cfg, self.data
         steps = len(self.loader) - self.step_in_epoch
-        per_sample = (data.n_channels * data.image_size ** 2 * self.precision.input_dtype.itemsize
+        per_sample = (data.n_channels * data.image_size ** 2 * self.precision.buffer_dtype.itemsize
                       * (2 if cfg.augmentation.use_dual_cutout else 1) + 4 * self.n_classes + 8)
         need = steps * (cfg.train.batch_size // self.world_size) * per_sample
         budget = cfg.train.epoch_augmentation_max_gb * 2 ** 30
