@@ -219,3 +219,34 @@ def test_whole_epoch_augmentation_buffer_holds_the_autocast_dtype_and_trains_bit
     assert set(dtypes) == {dtype}
     wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (plain, run))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_capturable_step_with_compile_compiles_the_whole_step_and_trains_like_eager(tmp_path, monkeypatch):
+    """With train.compile too (on CUDA always, mode max-autotune) the whole step is one compiled
+    function; traced here with dynamo's 'eager' backend (no C++ build): the same training, up to
+    rounding (compiled, the tensor lr multiplies the update before adding it)."""
+    import torch._dynamo as dynamo
+
+    from imgclf.engine import Trainer
+
+    compiled, real = [], torch.compile
+
+    def cheap_compile(fn, **kwargs):
+        compiled.append(fn)
+        return real(fn, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", cheap_compile)
+    dynamo.reset()
+    overrides = {"scheduler.epochs": 1}
+    plain = make_run(tmp_path / "plain", **overrides)
+    train(plain, progress=False)
+    run = make_run(tmp_path / "run", **overrides, **{"train.capturable_step": True, "train.compile": True})
+    trainer = Trainer(run, progress=False)
+    assert [getattr(f, "__name__", "") for f in compiled][-1] == "_step_body"
+    assert trainer._step_fn is not trainer._step_body
+    trainer.fit()
+    wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (plain, run))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert float(rows(run)[0]["train_loss"]) == pytest.approx(float(rows(plain)[0]["train_loss"]), rel=1e-4)
+    assert rows(run)[0]["lr"] == rows(plain)[0]["lr"]

@@ -158,8 +158,11 @@ class Trainer:
         guard_fused_first_step(self.optimizer)
         self._lr_kind()
         self._step_fn = self._step_body
-        if cfg.train.capturable_step and self.device.type == "cuda":
-            self._step_fn = torch.compile(self._step_body, mode="max-autotune")
+        if cfg.train.capturable_step and (self.device.type == "cuda" or cfg.train.compile):
+            # The whole step as one compiled function (on CPU only with train.compile too: there it
+            # is the test of this path). A compile error surfaces in the first step.
+            self._step_fn = torch.compile(self._step_body, **({"mode": "max-autotune"}
+                                                              if self.device.type == "cuda" else {}))
         self.train_transform = TrainTransform(cfg.augmentation, *data.normalization, self.n_classes,
                                               data.image_size, self.device)
         self.eval_transform = EvalTransform(*data.normalization, self.device)
