@@ -202,6 +202,13 @@ class TrainConfig:
     # Above epoch_augmentation_max_gb it falls back to per-step augmentation, with a log line.
     epoch_augmentation: bool = False
     epoch_augmentation_max_gb: float = 4.0
+    # epoch_augmentation_draws: per_step (the above: one transform call per step) | batched: the
+    # per-sample transforms (crop, flip, normalize, cutout, random erasing) run over chunks of
+    # BATCHED_CHUNK_SAMPLES samples of the epoch in one call each, from one generator per chunk
+    # seeded by (seed, epoch, chunk); the mixers stay per step. The same distributions, other
+    # draws: batched is part of the run id. Above the memory budget it makes one chunk at a time
+    # (the same numbers).
+    epoch_augmentation_draws: str = "per_step"
     # capturable_step: the learning rate is a tensor in the optimizer's param groups (the scheduler
     # fills it in place) and nothing in the step reads a value back to the host, so on CUDA the
     # whole step (forward, backward, optimizer) runs under torch.compile(mode="max-autotune").
@@ -463,6 +470,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler.type": ("constant", "multistep", "linear", "cosine", "sgdr"),
     "scheduler.warmup.type": ("none", "linear", "exponential"),
     "augmentation.random_crop.padding_mode": ("constant", "edge", "reflect"),
+    "train.epoch_augmentation_draws": ("per_step", "batched"),
     "model.resnet.block_type": ("basic", "bottleneck"),
     "model.resnet_preact.block_type": ("basic", "bottleneck"),
     "model.se_resnet_preact.block_type": ("basic", "bottleneck"),
@@ -736,6 +744,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.capturable_step and cfg.train.optimizer != "sgd":
         raise ConfigError(f"train.capturable_step: needs train.optimizer sgd (torch's SGD reads a tensor "
                           f"learning rate on the device), got '{cfg.train.optimizer}'; set it False")
+    if cfg.train.epoch_augmentation_draws == "batched" and not cfg.train.epoch_augmentation:
+        raise ConfigError("train.epoch_augmentation_draws: batched needs train.epoch_augmentation True "
+                          "(or per_step)")
     for key, bounds in RANGES.items():
         _check_range(key, get_key(cfg, key), bounds)
     _check_model(cfg)
@@ -848,7 +859,8 @@ NON_SEMANTIC = ("train.seed", "train.output_dir", "train.resume", "train.checkpo
                 "dataset.dataset_dir", "device", "train.log_period", "train.use_tensorboard",
                 "train.checkpoint_period", "train.dataloader", "validation.dataloader", "train.use_apex",
                 "train.dist.local_rank", "train.dist.node_rank", "train.distributed", "train.deterministic",
-                "train.epoch_augmentation", "train.epoch_augmentation_max_gb", "train.capturable_step")
+                "train.epoch_augmentation", "train.epoch_augmentation_max_gb", "train.capturable_step",
+                "train.epoch_augmentation_draws")
 
 
 def config_hash(cfg: Config, length: int = 8) -> str:
@@ -860,6 +872,9 @@ def config_hash(cfg: Config, length: int = 8) -> str:
         # An explicit folder selects the data: rows that differ only there are different runs.
         # (Empty, the default, stays out of the hash so that every other run keeps its id.)
         kept["dataset.dataset_dir"] = cfg.dataset.dataset_dir
+    if cfg.train.epoch_augmentation_draws != "per_step":
+        # Other draws, other numbers: a run id of its own (per_step, the default, keeps every id).
+        kept["train.epoch_augmentation_draws"] = cfg.train.epoch_augmentation_draws
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:length]
 
 
