@@ -173,3 +173,18 @@ def test_batched_mode_trains_to_the_per_step_error(tmp_path):
             errors[mode].append(train(run, progress=False)["test_error"])
     print(errors)
     assert abs(np.mean(errors["batched"]) - np.mean(errors["per_step"])) <= 3.0, errors
+
+
+def test_batched_mode_gives_every_rank_its_shard_of_the_same_draws(tmp_path):
+    """Under DDP each rank makes the global batches from the same generators and keeps every
+    world_size-th sample: rank r's batch is the single-process batch's r::2 rows, mixup included."""
+    run = make_run(tmp_path / "run", **_AUG, **_BATCHED)
+    trainer = Trainer(run, progress=False)
+    whole = [(s, make()) for s, make in trainer._batched_epoch_batches()]
+    assert len(whole) == len(trainer.loader)
+    for rank in (0, 1):
+        trainer.rank, trainer.world_size = rank, 2
+        shard = [(s, make()) for s, make in trainer._batched_epoch_batches()]
+        assert [s for s, _ in shard] == [s for s, _ in whole]
+        for (_, a), (_, b) in zip(whole, shard):
+            assert torch.equal(b.images, a.images[rank::2]) and torch.equal(b.targets, a.targets[rank::2])
