@@ -379,14 +379,17 @@ class Trainer:
         self._check_finite(loss_sum, len(self.loader) - 1)
         self._flush_accum(loss_sum, correct, seen, t0)
 
-    def _augment(self, step: int, images: torch.Tensor, labels: torch.Tensor):
+    def _augment(self, step: int, images: torch.Tensor, labels: torch.Tensor, per_sample=None):
         """This rank's augmented batch of ``step``: every draw from a generator seeded by
-        (seed, epoch, step), so it is the same whenever (and in whichever order) it is made."""
+        (seed, epoch, step), so it is the same whenever (and in whichever order) it is made.
+        ``per_sample``: the images already through the per-sample transforms (batched draws);
+        then only the mixer draws from it."""
         cfg = self.cfg
         gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.train.seed, self.epoch, step))
+        x = self.train_transform.per_sample(images, gen) if per_sample is None else per_sample
         if cfg.train.dist.mixer_per_rank and self.world_size > 1:  # as the reference's per-process collator
-            return self.train_transform(images, labels, gen, mix_shard=(self.rank, self.world_size))
-        return self._shard(self.train_transform(images, labels, gen))
+            return self.train_transform.per_batch(x, labels, gen, mix_shard=(self.rank, self.world_size))
+        return self._shard(self.train_transform.per_batch(x, labels, gen))
 
     def _epoch_batches(self):
         """(step, a function giving the step's batch) from ``step_in_epoch`` on: augmented at the
@@ -441,12 +444,7 @@ class Trainer:
         out, at = [], 0
         for step, images, labels in steps:
             xs, at = x[at:at + len(images)], at + len(images)
-            step_gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.train.seed, self.epoch, step))
-            if cfg.train.dist.mixer_per_rank and self.world_size > 1:
-                b = self.train_transform.per_batch(xs, labels, step_gen, mix_shard=(self.rank, self.world_size))
-            else:
-                b = self._shard(self.train_transform.per_batch(xs, labels, step_gen))
-            out.append((step, self._to_buffer(b)))
+            out.append((step, self._to_buffer(self._augment(step, images, labels, per_sample=xs))))
         return out
 
     def _epoch_buffer_fits(self) -> bool:
