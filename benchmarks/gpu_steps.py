@@ -1,6 +1,8 @@
 """Training-step throughput of the GPU session's two models, ResNet-PreAct-20 and WRN-28-10
 (batch 128, CIFAR size), in fp32 (IEEE), tf32, AMP fp16 and bf16, eager and with the speed path
-(``torch.compile``), one JSON line per measurement as soon as it is measured.
+(``torch.compile`` of the model), one JSON line per measurement as soon as it is measured.
+``--speed step`` adds the capturable whole step (train.capturable_step: the lr a device tensor,
+forward, backward and optimizer compiled as one function); not in the default session.
 
     python -m benchmarks.gpu_steps --device cuda --jsonl $OUT/steps.jsonl --max-seconds 4
     python -m benchmarks.gpu_steps --device cpu --smoke --jsonl /tmp/steps.jsonl   # seconds
@@ -33,7 +35,7 @@ MODELS = {
 PRECISIONS = ("fp32", "tf32", "amp", "bf16")
 
 
-def measure(name: str, precision: str, speed: bool, device: torch.device, args) -> dict:
+def measure(name: str, precision: str, speed: bool, device: torch.device, args, whole_step: bool = False) -> dict:
     family, full, smoke = MODELS[name]
     overrides = {f"model.{family}.{k}": v for k, v in (smoke if args.smoke else full).items()}
     cfg = config.build(RECIPES / f"{family}.yaml", overrides)
@@ -43,12 +45,17 @@ def measure(name: str, precision: str, speed: bool, device: torch.device, args) 
     t0 = time.perf_counter()
     step, model = train_step(cfg, device, batch_size=args.batch_size,
                              precision="fp32" if precision == "tf32" else precision,
-                             compile_mode=args.compile_mode if speed else None)
+                             compile_mode=args.compile_mode if speed else None, whole_step=whole_step)
     timing = time_windows(step, device, items=args.batch_size, warmup=args.warmup, windows=args.windows,
                           steps=args.steps, max_seconds=args.max_seconds)
-    return {"model": name, "precision": precision, "speed_path": speed, "batch": args.batch_size,
+    return {"model": name, "precision": precision, "speed_path": speed, "whole_step": whole_step,
+            "batch": args.batch_size,
             "img_per_s": round(timing.median), "min": round(min(timing.rates)), "max": round(max(timing.rates)),
             "windows": timing.windows, "seconds": round(time.perf_counter() - t0, 1), "notes": timing.notes}
+
+
+def _speed(r: dict) -> str:
+    return "whole step" if r.get("whole_step") else "on" if r["speed_path"] else "off"
 
 
 def render(rows: list[dict], device: torch.device, args) -> str:
@@ -59,10 +66,10 @@ def render(rows: list[dict], device: torch.device, args) -> str:
              "|---|---|---|---:|---|---:|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['precision']} | {'on' if r['speed_path'] else 'off'} | — | — | — | "
+            lines.append(f"| {r['model']} | {r['precision']} | {_speed(r)} | — | — | — | "
                          f"FAILED: {r['error']} |")
         else:
-            lines.append(f"| {r['model']} | {r['precision']} | {'on' if r['speed_path'] else 'off'} | "
+            lines.append(f"| {r['model']} | {r['precision']} | {_speed(r)} | "
                          f"{r['img_per_s']} | {r['min']}–{r['max']} | {r['seconds']} | {'; '.join(r['notes'])} |")
     return "\n".join(lines)
 
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
-    parser.add_argument("--speed", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--speed", nargs="+", default=["off", "on"], choices=["off", "on", "step"])
     parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                         help="torch.compile mode of the speed path")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -88,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size, args.warmup, args.windows, args.steps = 16, 1, 1, 1
     device = resolve_device(args.device)
     rows = []
-    for speed in [s == "on" for s in args.speed]:
+    for mode in args.speed:
+        speed, whole_step = mode != "off", mode == "step"
         for name in args.models:
             for precision in args.precisions:
                 try:
-                    row = measure(name, precision, speed, device, args)
+                    row = measure(name, precision, speed, device, args, whole_step)
                 except Exception as e:  # noqa: BLE001 - one failure keeps the other measurements
-                    row = {"model": name, "precision": precision, "speed_path": speed,
+                    row = {"model": name, "precision": precision, "speed_path": speed, "whole_step": whole_step,
                            "error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

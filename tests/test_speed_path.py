@@ -2,6 +2,7 @@
 import csv
 import math
 
+import pytest
 import torch
 
 from conftest import make_run
@@ -26,3 +27,226 @@ def test_evaluating_and_checkpointing_every_few_epochs_keeps_the_last_epoch_test
     evaluated = [not math.isnan(float(r["test_error"])) for r in rows(sparse)]
     assert evaluated == [False, True, True]  # epoch 2 (the period) and the last epoch
     assert torch.load(sparse / "checkpoint.pt", weights_only=True)["epoch"] == 3
+
+
+def test_eval_period_is_the_reference_val_period_under_another_name(tmp_path):
+    """train.eval_period is an alias: it sets train.val_period (one field, one value, one run id),
+    from a recipe mapping or an override; the reference README's train.val_period keeps working."""
+    from imgclf import config as C
+
+    ref = C.build(overrides={"train.val_period": 3})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  eval_period: 3\n")
+    for cfg in (C.build(overrides={"train.eval_period": 3}), C.build(recipe)):
+        assert cfg.train.val_period == 3 and C.config_hash(cfg) == C.config_hash(ref)
+        assert C.get_key(cfg, "train.eval_period") == 3
+    assert C.Config().train.val_period == 1 and C.Config().train.checkpoint_period == 1  # every epoch
+    try:
+        C.build(overrides={"train.eval_period": 0})
+    except C.ConfigError as e:
+        assert str(e).startswith("override train.val_period") and "\n" not in str(e)
+    else:
+        raise AssertionError("eval_period 0 accepted")
+
+
+_AUG = {"augmentation.use_mixup": True, "augmentation.use_cutout": True, "augmentation.cutout.mask_size": 4}
+
+
+def _stop_after(trainer, n_steps):
+    """Request a stop after the n-th training step (whenever the batches were augmented)."""
+    inner, calls = trainer._train_step, []
+
+    def counting(*args):
+        calls.append(1)
+        if len(calls) == n_steps:
+            trainer.stop_event.set()
+        return inner(*args)
+
+    trainer._train_step = counting
+
+
+def test_whole_epoch_augmentation_buffer_trains_bit_identically_and_resumes_mid_epoch(tmp_path):
+    """train.epoch_augmentation: the epoch's batches are made at its start, with the per-step
+    path's (seed, epoch, step) draws, so the weights and the log are the per-step run's, bit for
+    bit; stopped at epoch 2 step 4 and resumed (the buffer made for the rest of the epoch), too."""
+    import threading
+
+    from imgclf.engine import Preempted, Trainer
+
+    overrides = {"scheduler.epochs": 2, **_AUG}
+    plain = make_run(tmp_path / "plain", **overrides)
+    train(plain, progress=False)
+    whole = make_run(tmp_path / "buffer", **overrides, **{"train.epoch_augmentation": True})
+    made = []
+    trainer = Trainer(whole, progress=False)
+    inner = trainer._epoch_buffer_fits
+    trainer._epoch_buffer_fits = lambda: made.append(inner()) or made[-1]
+    trainer.fit()
+    assert made == [True, True]  # the buffer was used in both epochs
+    stopped = make_run(tmp_path / "stopped", **overrides, **{"train.epoch_augmentation": True})
+    trainer = Trainer(stopped, progress=False, stop_event=threading.Event())
+    _stop_after(trainer, 14)
+    with pytest.raises(Preempted, match="epoch 2 step 4"):
+        trainer.fit()
+    del trainer
+    train(stopped, progress=False)
+    wa = torch.load(plain / "model.pt", weights_only=True)
+    for run in (whole, stopped):
+        wb = torch.load(run / "model.pt", weights_only=True)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert [(r["train_loss"], r["test_error"]) for r in rows(run)] == \
+            [(r["train_loss"], r["test_error"]) for r in rows(plain)]
+
+
+def test_whole_epoch_augmentation_falls_back_to_per_step_above_its_memory_budget(tmp_path, caplog):
+    run = make_run(tmp_path / "run", **{"scheduler.epochs": 1, "train.epoch_augmentation": True,
+                                        "train.epoch_augmentation_max_gb": 1e-6})
+    plain = make_run(tmp_path / "plain", **{"scheduler.epochs": 1})
+    with caplog.at_level("WARNING", logger="imgclf.engine.trainer"):
+        assert train(run, progress=False)["train_loss"] == train(plain, progress=False)["train_loss"]
+    lines = [r.getMessage() for r in caplog.records if "epoch_augmentation" in r.getMessage()]
+    assert len(lines) == 1 and "more than train.epoch_augmentation_max_gb 1e-06; augmenting per step" in lines[0]
+
+
+def test_capturable_step_trains_bit_identically_to_the_plain_step(tmp_path):
+    """train.capturable_step: the lr as a tensor filled in place, the same math: the same weights
+    and log (the lr column included) as the plain step, also across a mid-epoch stop and resume."""
+    import threading
+
+    from imgclf.engine import Preempted, Trainer
+
+    overrides = {"scheduler.epochs": 2, "scheduler.type": "cosine", **_AUG}
+    plain = make_run(tmp_path / "plain", **overrides)
+    train(plain, progress=False)
+    run = make_run(tmp_path / "capturable", **overrides, **{"train.capturable_step": True})
+    trainer = Trainer(run, progress=False, stop_event=threading.Event())
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor)
+    _stop_after(trainer, 14)
+    with pytest.raises(Preempted, match="epoch 2 step 4"):
+        trainer.fit()
+    assert trainer.optimizer.param_groups[0]["lr"] is lr  # filled in place, never replaced
+    del trainer
+    resumed = Trainer(run, progress=False)
+    resumed.resume()
+    assert isinstance(resumed.optimizer.param_groups[0]["lr"], torch.Tensor)
+    resumed.fit()
+    wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (plain, run))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [(r["lr"], r["train_loss"], r["test_error"]) for r in rows(run)] == \
+        [(r["lr"], r["train_loss"], r["test_error"]) for r in rows(plain)]
+
+
+def test_capturable_step_reads_nothing_back_to_the_host(tmp_path, monkeypatch):
+    """No .item()/float()/bool() of a tensor inside the step, and the optimizer step with the
+    tensor lr traces as one graph (fullgraph=True fails on any host read)."""
+    from imgclf.engine import Trainer
+
+    run = make_run(tmp_path / "run", **{"scheduler.epochs": 1, "train.capturable_step": True})
+    trainer = Trainer(run, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    images, labels = next(iter(trainer.loader.batches(0)))[1:]
+    batch = trainer.train_transform(images, labels, gen)
+    before = trainer.model.state_dict()["fc.weight"].clone()
+    # The optimizer step traced by dynamo: a host read (.item(), a tensor lr turned into a number)
+    # would be a graph break of its own; the only breaks are torch's own around no_grad.
+    opt = trainer.optimizer  # (its own step: the scheduler's step-counting wrapper is not traceable)
+    explained = []
+    opt.step = lambda: explained.append(torch._dynamo.explain(lambda: type(opt).step(opt))())
+
+    def host_read(*_):
+        raise AssertionError("host read inside the capturable step")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+            m.setattr(torch.Tensor, name, host_read)
+        loss, correct = trainer._step_body(batch.images, batch.targets, batch.labels)
+    assert loss.dim() == 0 and correct.dim() == 0 and 0 < loss.item()
+    assert not torch.equal(before, trainer.model.state_dict()["fc.weight"])  # the step stepped
+    (report,) = explained
+    reasons = [str(b.reason) for b in report.break_reasons]
+    assert report.graph_count >= 1 and all("graph_break()" in r for r in reasons), reasons
+
+
+def test_capturable_step_needs_sgd():
+    from imgclf import config as C
+
+    with pytest.raises(C.ConfigError, match="^override train.capturable_step: needs train.optimizer sgd"):
+        C.build(overrides={"train.capturable_step": True, "train.optimizer": "adam"})
+
+
+def test_benchmark_whole_step_with_a_tensor_lr_steps_like_the_plain_step(monkeypatch):
+    """benchmarks.gpu_steps --speed step: the measured step (lr a tensor) is the plain step's math."""
+    import benchmarks.models as bm
+    from benchmarks.gpu_steps import MODELS, _speed
+    from benchmarks.models import RECIPES, train_step
+    from imgclf import config
+
+    optimizers, real = [], bm.build_optimizer
+    monkeypatch.setattr(bm, "build_optimizer", lambda *a: optimizers.append(real(*a)) or optimizers[-1])
+
+    family, _, smoke = MODELS["resnet_preact20"]
+    cfg = config.build(RECIPES / f"{family}.yaml", {f"model.{family}.{k}": v for k, v in smoke.items()})
+    weights = []
+    for whole_step in (False, True):
+        torch.manual_seed(0)
+        step, model = train_step(cfg, torch.device("cpu"), batch_size=8, whole_step=whole_step)
+        step()
+        step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+    assert [type(o.param_groups[0]["lr"]) for o in optimizers] == [float, torch.Tensor]
+    assert [_speed({"speed_path": s, "whole_step": w}) for s, w in ((False, False), (True, False), (True, True))] \
+        == ["off", "on", "whole step"]
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("amp", torch.float16)])
+def test_whole_epoch_augmentation_buffer_holds_the_autocast_dtype_and_trains_bit_identically(
+        tmp_path, precision, dtype):
+    """Under autocast the buffer holds bf16 / fp16 inputs (half the memory): the first convolution
+    casts its input to that dtype anyway, so the weights equal the per-step path's."""
+    from imgclf.engine import Trainer
+
+    overrides = {"scheduler.epochs": 1, "train.precision": precision}
+    plain = make_run(tmp_path / "plain", **overrides)
+    train(plain, progress=False)
+    run = make_run(tmp_path / "buffer", **overrides, **{"train.epoch_augmentation": True})
+    trainer = Trainer(run, progress=False)
+    dtypes = []
+    inner = trainer._step_body
+    trainer._step_body = trainer._step_fn = lambda x, *a: dtypes.append(x.dtype) or inner(x, *a)
+    trainer.fit()
+    assert set(dtypes) == {dtype}
+    wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (plain, run))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_capturable_step_with_compile_compiles_the_whole_step_and_trains_like_eager(tmp_path, monkeypatch):
+    """With train.compile too (on CUDA always, mode max-autotune) the whole step is one compiled
+    function; traced here with dynamo's 'eager' backend (no C++ build): the same training, up to
+    rounding (compiled, the tensor lr multiplies the update before adding it)."""
+    import torch._dynamo as dynamo
+
+    from imgclf.engine import Trainer
+
+    compiled, real = [], torch.compile
+
+    def cheap_compile(fn, **kwargs):
+        compiled.append(fn)
+        return real(fn, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", cheap_compile)
+    dynamo.reset()
+    overrides = {"scheduler.epochs": 1}
+    plain = make_run(tmp_path / "plain", **overrides)
+    train(plain, progress=False)
+    run = make_run(tmp_path / "run", **overrides, **{"train.capturable_step": True, "train.compile": True})
+    trainer = Trainer(run, progress=False)
+    assert [getattr(f, "__name__", "") for f in compiled][-1] == "_step_body"
+    assert trainer._step_fn is not trainer._step_body
+    trainer.fit()
+    wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (plain, run))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert float(rows(run)[0]["train_loss"]) == pytest.approx(float(rows(plain)[0]["train_loss"]), rel=1e-4)
+    assert rows(run)[0]["lr"] == rows(plain)[0]["lr"]

@@ -181,12 +181,12 @@ class TrainConfig:
     start_epoch: int = 0
     seed: int = 0
     val_first: bool = False
-    val_period: int = 1
+    val_period: int = 1  # evaluate every this many epochs (and at the last); alias train.eval_period
     val_ratio: float = 0.0
     use_test_as_val: bool = True
     output_dir: str = ""
     log_period: int = 100
-    checkpoint_period: int = 1
+    checkpoint_period: int = 1  # checkpoint every this many epochs (and at the last)
     use_tensorboard: bool = False
     channels_last: bool = True
     compile: bool = False
@@ -194,6 +194,25 @@ class TrainConfig:
     # Off, CUDA runs let cuDNN pick its fastest (nondeterministic) algorithms. CPU runs are
     # deterministic either way.
     deterministic: bool = False
+    # The GPU speed path (bit-identical to the plain path on CPU, so not part of the run id):
+    # epoch_augmentation makes every step's augmented, normalized batch of an epoch at the epoch's
+    # start (the same per-(seed, epoch, step) draws as the per-step path) into a resident buffer in
+    # the autocast dtype (fp16 / bf16) or the model's (channels_last where the model uses it); the
+    # steps only index it.
+    # Above epoch_augmentation_max_gb it falls back to per-step augmentation, with a log line.
+    epoch_augmentation: bool = False
+    epoch_augmentation_max_gb: float = 4.0
+    # epoch_augmentation_draws: per_step (the above: one transform call per step) | batched: the
+    # per-sample transforms (crop, flip, normalize, cutout, random erasing) run over chunks of
+    # BATCHED_CHUNK_SAMPLES samples of the epoch in one call each, from one generator per chunk
+    # seeded by (seed, epoch, chunk); the mixers stay per step. The same distributions, other
+    # draws: batched is part of the run id. Above the memory budget it makes one chunk at a time
+    # (the same numbers).
+    epoch_augmentation_draws: str = "per_step"
+    # capturable_step: the learning rate is a tensor in the optimizer's param groups (the scheduler
+    # fills it in place) and nothing in the step reads a value back to the host, so on CUDA the
+    # whole step (forward, backward, optimizer) runs under torch.compile(mode="max-autotune").
+    capturable_step: bool = False
     on_divergence: str = "stop"  # stop | rollback (to the last checkpoint, with a lower lr)
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
@@ -358,6 +377,9 @@ def _field_kinds(cls: type) -> tuple[tuple[str, bool], ...]:
 
 
 PRECISION_ALIASES = {"O0": "fp32", "O1": "amp", "O2": "fp16_master", "O3": "fp16"}
+# Other spellings of a key, read into the one field they name (one value, no second source of
+# truth). train.eval_period is the speed-path issue's name for the reference's train.val_period.
+KEY_ALIASES = {"train.eval_period": "train.val_period"}
 PRECISIONS = ("fp32", "tf32", "amp", "bf16", "fp16", "fp16_master")
 DATASET_NAMES = ("digits", "MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
 # (channels, height, width) of each dataset's images: config checks need them before any data is read.
@@ -384,6 +406,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.val_ratio": (0, 1, True, False),
     "train.log_period": (0, None, False, True),
     "train.checkpoint_period": (0, None, False, True),
+    "train.epoch_augmentation_max_gb": (0, None, False, True),
     "train.threads": (0, 1024, False, True),
     "train.rollback_lr_factor": (0, 1, False, False),
     "train.max_rollbacks": (0, None, True, True),
@@ -447,6 +470,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler.type": ("constant", "multistep", "linear", "cosine", "sgdr"),
     "scheduler.warmup.type": ("none", "linear", "exponential"),
     "augmentation.random_crop.padding_mode": ("constant", "edge", "reflect"),
+    "train.epoch_augmentation_draws": ("per_step", "batched"),
     "model.resnet.block_type": ("basic", "bottleneck"),
     "model.resnet_preact.block_type": ("basic", "bottleneck"),
     "model.se_resnet_preact.block_type": ("basic", "bottleneck"),
@@ -553,6 +577,7 @@ def parse_scalar(text: str) -> Any:
 
 
 def set_key(cfg: Config, key: str, value: Any, where: str = "") -> None:
+    key = KEY_ALIASES.get(key, key)
     node: Any = cfg
     parts = key.split(".")
     for i, part in enumerate(parts):
@@ -572,6 +597,7 @@ def set_key(cfg: Config, key: str, value: Any, where: str = "") -> None:
 
 
 def get_key(cfg: Config, key: str) -> Any:
+    key = KEY_ALIASES.get(key, key)
     node: Any = cfg
     for part in key.split("."):
         if not hasattr(node, part):
@@ -656,12 +682,12 @@ def build(recipe: str | Path | None = None, overrides: dict[str, Any] | None = N
     if recipe is not None:
         for key, value in _recipe_items(recipe):
             set_key(cfg, key, value, where=f"{recipe}: ")
-            sources[str(key)] = f"{recipe}: "
+            sources[KEY_ALIASES.get(str(key), str(key))] = f"{recipe}: "
     for key, value in (overrides or {}).items():
         if not isinstance(key, str):
             raise ConfigError(f"override {key!r}: a config key must be a string like 'train.base_lr'")
         set_key(cfg, key, value, where="override ")
-        sources[key] = "override "
+        sources[KEY_ALIASES.get(key, key)] = "override "
     try:
         validate(cfg)
     except ConfigError as e:
@@ -715,6 +741,12 @@ def validate(cfg: Config) -> None:
         if get_key(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0 (0 = the dataset's own), got {get_key(cfg, key)}")
     _check_dataset_shape(cfg)
+    if cfg.train.capturable_step and cfg.train.optimizer != "sgd":
+        raise ConfigError(f"train.capturable_step: needs train.optimizer sgd (torch's SGD reads a tensor "
+                          f"learning rate on the device), got '{cfg.train.optimizer}'; set it False")
+    if cfg.train.epoch_augmentation_draws == "batched" and not cfg.train.epoch_augmentation:
+        raise ConfigError("train.epoch_augmentation_draws: batched needs train.epoch_augmentation True "
+                          "(or per_step)")
     for key, bounds in RANGES.items():
         _check_range(key, get_key(cfg, key), bounds)
     _check_model(cfg)
@@ -826,7 +858,9 @@ def precision(cfg: Config) -> str:
 NON_SEMANTIC = ("train.seed", "train.output_dir", "train.resume", "train.checkpoint", "data_root",
                 "dataset.dataset_dir", "device", "train.log_period", "train.use_tensorboard",
                 "train.checkpoint_period", "train.dataloader", "validation.dataloader", "train.use_apex",
-                "train.dist.local_rank", "train.dist.node_rank", "train.distributed", "train.deterministic")
+                "train.dist.local_rank", "train.dist.node_rank", "train.distributed", "train.deterministic",
+                "train.epoch_augmentation", "train.epoch_augmentation_max_gb", "train.capturable_step",
+                "train.epoch_augmentation_draws")
 
 
 def config_hash(cfg: Config, length: int = 8) -> str:
@@ -838,6 +872,9 @@ def config_hash(cfg: Config, length: int = 8) -> str:
         # An explicit folder selects the data: rows that differ only there are different runs.
         # (Empty, the default, stays out of the hash so that every other run keeps its id.)
         kept["dataset.dataset_dir"] = cfg.dataset.dataset_dir
+    if cfg.train.epoch_augmentation_draws != "per_step":
+        # Other draws, other numbers: a run id of its own (per_step, the default, keeps every id).
+        kept["train.epoch_augmentation_draws"] = cfg.train.epoch_augmentation_draws
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:length]
 
 

@@ -37,8 +37,13 @@ class TrainTransform:
                  mix_shard: tuple[int, int] | None = None) -> Batch:
         """``mix_shard=(rank, world_size)``: keep only that rank's samples (every world_size-th)
         before the batch mixer, which then mixes them alone (train.dist.mixer_per_rank)."""
-        from imgclf import losses
+        x = self.per_sample(images, generator)
+        return self.per_batch(x, labels, generator, mix_shard)
 
+    def per_sample(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Crop, flip, normalize, cutout, random erasing: every draw is per sample, so this runs
+        on any number of samples at once (train.epoch_augmentation_draws batched: a whole chunk
+        of the epoch's batches in one call)."""
         a = self.aug
         x = images.float()
         if a.use_random_crop:
@@ -47,10 +52,6 @@ class TrainTransform:
         if a.use_random_horizontal_flip:
             x = basic.horizontal_flip(x, prob=a.random_horizontal_flip.prob, generator=generator)
         x = basic.normalize(x, self.mean, self.std)
-        if a.use_label_smoothing:
-            y = losses.smooth_targets(labels, self.n_classes, a.label_smoothing.epsilon)
-        else:
-            y = losses.one_hot(labels, self.n_classes)
         if a.use_cutout:
             from .cutout import cutout
 
@@ -62,6 +63,19 @@ class TrainTransform:
             e = a.random_erasing
             x = random_erasing(x, prob=e.prob, area_ratio_range=e.area_ratio_range,
                                min_aspect_ratio=e.min_aspect_ratio, max_attempt=e.max_attempt, generator=generator)
+        return x
+
+    def per_batch(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                  mix_shard: tuple[int, int] | None = None) -> Batch:
+        """Targets, then the batch mixer (one lambda per batch) and dual-cutout's views, on one
+        step's per-sample-augmented images."""
+        from imgclf import losses
+
+        a = self.aug
+        if a.use_label_smoothing:
+            y = losses.smooth_targets(labels, self.n_classes, a.label_smoothing.epsilon)
+        else:
+            y = losses.one_hot(labels, self.n_classes)
         if mix_shard is not None:
             rank, world = mix_shard
             x, y, labels = x[rank::world], y[rank::world], labels[rank::world]

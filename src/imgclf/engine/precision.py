@@ -36,6 +36,13 @@ class Precision:
     def input_dtype(self) -> torch.dtype:
         return self.model_dtype
 
+    @property
+    def buffer_dtype(self) -> torch.dtype:
+        """The dtype a resident input buffer holds (train.epoch_augmentation): under autocast the
+        model's first convolution casts its input to the autocast dtype anyway, so rounding once
+        when the buffer is made gives the same numbers at half the memory and bandwidth."""
+        return {"amp": torch.float16, "bf16": torch.bfloat16}.get(self.name, self.input_dtype)
+
     def autocast(self):
         if self.name == "amp":
             return torch.autocast(self.device.type, dtype=torch.float16)

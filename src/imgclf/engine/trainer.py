@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
 import math
 import os
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 # rank 0 alone), so the ranks agree on a stop every STOP_CHECK_STEPS steps with one tiny
 # all-reduce, and all stop at the same step.
 STOP_CHECK_STEPS = 10
+# train.epoch_augmentation_draws batched: samples per per-sample transform call (whole global
+# batches; a fixed number, so the draws do not depend on the memory budget). 16384 makes a CIFAR
+# epoch in 4 calls; its float32 intermediates stay around 1 GB.
+BATCHED_CHUNK_SAMPLES = 16384
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "epoch_seconds",
               "images_per_second"]
 
@@ -156,6 +161,13 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.loader))
         self.scaler = self.precision.make_scaler()
         guard_fused_first_step(self.optimizer)
+        self._lr_kind()
+        self._step_fn = self._step_body
+        if cfg.train.capturable_step and (self.device.type == "cuda" or cfg.train.compile):
+            # The whole step as one compiled function (on CPU only with train.compile too: there it
+            # is the test of this path). A compile error surfaces in the first step.
+            self._step_fn = torch.compile(self._step_body, **({"mode": "max-autotune"}
+                                                              if self.device.type == "cuda" else {}))
         self.train_transform = TrainTransform(cfg.augmentation, *data.normalization, self.n_classes,
                                               data.image_size, self.device)
         self.eval_transform = EvalTransform(*data.normalization, self.device)
@@ -218,6 +230,7 @@ class Trainer:
         self.log_rows = list(state["log_rows"])
         self.wall_seconds = state["wall_seconds"]
         self.rollbacks = state.get("rollbacks", 0)
+        self._lr_kind()
 
     def save_checkpoint(self) -> None:
         if self.is_main:
@@ -251,7 +264,31 @@ class Trainer:
             return loss, losses.dual_cutout_predict(logits)
         return losses.soft_cross_entropy(logits, targets), logits
 
+    def _lr_kind(self) -> None:
+        """train.capturable_step: each param group's lr a device tensor (read by the optimizer on
+        the device, filled in place by the scheduler), else a float; whatever a checkpoint held."""
+        for group in self.optimizer.param_groups:
+            lr = group["lr"]
+            if not self.cfg.train.capturable_step:
+                group["lr"] = float(lr)
+            elif not isinstance(lr, torch.Tensor) or lr.device != self.device or lr.dtype != torch.float32:
+                group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=self.device)
+
+    def _lr(self) -> float:
+        """The lr as logged: the scheduler's float (a tensor lr holds it rounded to float32)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        return float(self.scheduler.get_lr()[0]) if isinstance(lr, torch.Tensor) else lr
+
     def _train_step(self, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor):
+        loss_total, correct = self._step_fn(images, targets, labels)
+        faults.point("step")
+        self.scheduler.step()
+        return loss_total, correct
+
+    def _step_body(self, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor):
+        """Forward, backward and optimizer step. Nothing here reads a value back to the host
+        (the loss and the correct count stay on the device), so under train.capturable_step the
+        whole of it is one compiled (CUDA-graph capturable) function."""
         cfg = self.cfg
         chunks = cfg.train.subdivision
         dual = cfg.augmentation.use_dual_cutout
@@ -265,7 +302,8 @@ class Trainer:
                 x = torch.cat([images[:n][sl], images[n:][sl]])
             else:
                 x = images[sl]
-            x = x.to(self.precision.input_dtype)
+            if x.dtype != self.precision.buffer_dtype:  # (an epoch buffer's inputs already are)
+                x = x.to(self.precision.input_dtype)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             sync = (self.ddp_model.no_sync() if self.world_size > 1 and i < chunks - 1 else nullcontext())
@@ -277,14 +315,12 @@ class Trainer:
                 self.scaler.scale(loss / chunks).backward()
             loss_total += loss.detach() / chunks
             correct += (pred_logits.argmax(1) == labels[sl]).sum()
-        faults.point("step")
         if cfg.train.gradient_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.gradient_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         return loss_total, correct
 
     def _shard(self, batch):
@@ -310,17 +346,16 @@ class Trainer:
         value = float(loss_sum.item())
         if not math.isfinite(value):
             raise Diverged(f"{self.run_dir}: training loss became {value} in epoch {self.epoch + 1}, "
-                           f"by step {step + 1} (lr {self.optimizer.param_groups[0]['lr']:.4g})")
+                           f"by step {step + 1} (lr {self._lr():.4g})")
 
     def _train_epoch(self, bar) -> None:
         cfg = self.cfg
         self.model.train()
-        # Dropout / shake-shake draw from the global generator: reseed it per (epoch, step).
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = 0
         t0 = time.perf_counter()
-        for step, images, labels in self.loader.batches(self.epoch, start=self.step_in_epoch):
+        for step, make_batch in self._epoch_batches():
             if self._stop_requested(step):
                 self._flush_accum(loss_sum, correct, seen, t0)
                 self.save_checkpoint()
@@ -329,13 +364,9 @@ class Trainer:
                     log.warning("%s", message)  # in the job's log: where the requeued job resumes
                 self.saved_event.set()
                 raise Preempted(message)
-            seed = derive_seed(cfg.train.seed, self.epoch, step)
-            torch.manual_seed(seed)
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            if cfg.train.dist.mixer_per_rank and self.world_size > 1:  # as the reference's per-process collator
-                batch = self.train_transform(images, labels, gen, mix_shard=(self.rank, self.world_size))
-            else:
-                batch = self._shard(self.train_transform(images, labels, gen))
+            # Dropout / shake-shake draw from the global generator: reseeded per (epoch, step).
+            torch.manual_seed(derive_seed(cfg.train.seed, self.epoch, step))
+            batch = make_batch()
             loss, n_correct = self._train_step(batch.images, batch.targets, batch.labels)
             loss_sum += loss.double() * len(batch.labels)
             correct += n_correct
@@ -347,6 +378,94 @@ class Trainer:
                 self._check_finite(loss_sum, step)
         self._check_finite(loss_sum, len(self.loader) - 1)
         self._flush_accum(loss_sum, correct, seen, t0)
+
+    def _augment(self, step: int, images: torch.Tensor, labels: torch.Tensor, per_sample=None):
+        """This rank's augmented batch of ``step``: every draw from a generator seeded by
+        (seed, epoch, step), so it is the same whenever (and in whichever order) it is made.
+        ``per_sample``: the images already through the per-sample transforms (batched draws);
+        then only the mixer draws from it."""
+        cfg = self.cfg
+        gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.train.seed, self.epoch, step))
+        x = self.train_transform.per_sample(images, gen) if per_sample is None else per_sample
+        if cfg.train.dist.mixer_per_rank and self.world_size > 1:  # as the reference's per-process collator
+            return self.train_transform.per_batch(x, labels, gen, mix_shard=(self.rank, self.world_size))
+        return self._shard(self.train_transform.per_batch(x, labels, gen))
+
+    def _epoch_batches(self):
+        """(step, a function giving the step's batch) from ``step_in_epoch`` on: augmented at the
+        step, or (train.epoch_augmentation) taken from the epoch's resident buffer."""
+        cfg = self.cfg
+        if cfg.train.epoch_augmentation and cfg.train.epoch_augmentation_draws == "batched":
+            yield from self._batched_epoch_batches()
+            return
+        batches = self.loader.batches(self.epoch, start=self.step_in_epoch)
+        if not (cfg.train.epoch_augmentation and self._epoch_buffer_fits()):
+            for step, images, labels in batches:
+                yield step, lambda s=step, i=images, y=labels: self._augment(s, i, y)
+            return
+        buffer = []  # the rest of the epoch, made before its first step
+        for step, images, labels in batches:
+            buffer.append((step, self._to_buffer(self._augment(step, images, labels))))
+        for step, b in buffer:
+            yield step, lambda b=b: b
+
+    def _to_buffer(self, b):
+        x = b.images.to(self.precision.buffer_dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return type(b)(x, b.targets, b.labels)
+
+    def _batched_epoch_batches(self):
+        """train.epoch_augmentation_draws batched: the per-sample transforms of a chunk of
+        ``BATCHED_CHUNK_SAMPLES // batch_size`` steps in one call, from a generator seeded by
+        (seed, epoch, the chunk's first step); each step's mixer from its (seed, epoch, step)
+        generator. Every rank augments the global batches and keeps its shard, as per step. All
+        chunks of the rest of the epoch are made at its start when they fit the budget, else one
+        at a time: the same numbers. A resume remakes the chunk it stopped in and skips its done
+        steps."""
+        cfg = self.cfg
+        per_chunk = max(1, BATCHED_CHUNK_SAMPLES // cfg.train.batch_size)
+        first = self.step_in_epoch - self.step_in_epoch % per_chunk
+        batches = self.loader.batches(self.epoch, start=first)
+        chunks = (self._batched_chunk(list(itertools.islice(batches, per_chunk)))
+                  for _ in range(first, len(self.loader), per_chunk))
+        if self._epoch_buffer_fits():
+            chunks = list(chunks)  # resident: the whole rest of the epoch before its first step
+        for chunk in chunks:
+            for step, b in chunk:
+                if step >= self.step_in_epoch:
+                    yield step, lambda b=b: b
+
+    def _batched_chunk(self, steps):
+        cfg = self.cfg
+        gen = torch.Generator(device=self.device).manual_seed(
+            derive_seed(cfg.train.seed, self.epoch, steps[0][0], 1))  # 4 parts: apart from the step seeds
+        x = self.train_transform.per_sample(torch.cat([images for _, images, _ in steps]), gen)
+        out, at = [], 0
+        for step, images, labels in steps:
+            xs, at = x[at:at + len(images)], at + len(images)
+            out.append((step, self._to_buffer(self._augment(step, images, labels, per_sample=xs))))
+        return out
+
+    def _epoch_buffer_fits(self) -> bool:
+        """The buffer holds the epoch's inputs, targets and labels: above
+        train.epoch_augmentation_max_gb, augment per step instead (the same numbers, slower)."""
+        cfg, data = self.cfg, self.data
+        steps = len(self.loader) - self.step_in_epoch
+        per_sample = (data.n_channels * data.image_size ** 2 * self.precision.buffer_dtype.itemsize
+                      * (2 if cfg.augmentation.use_dual_cutout else 1) + 4 * self.n_classes + 8)
+        need = steps * (cfg.train.batch_size // self.world_size) * per_sample
+        budget = cfg.train.epoch_augmentation_max_gb * 2 ** 30
+        if need <= budget:
+            return True
+        if not getattr(self, "_warned_buffer", False):
+            fallback = ("making one chunk at a time" if cfg.train.epoch_augmentation_draws == "batched"
+                        else "augmenting per step")
+            log.warning("train.epoch_augmentation: the epoch's buffer needs %.2f GB, more than "
+                        "train.epoch_augmentation_max_gb %g; %s", need / 2 ** 30,
+                        cfg.train.epoch_augmentation_max_gb, fallback)
+            self._warned_buffer = True
+        return False
 
     def _stop_requested(self, step: int) -> bool:
         if self.world_size == 1:
@@ -401,7 +520,7 @@ class Trainer:
                 else:
                     evaluation = {"test_loss": float("nan"), "test_error": float("nan")}
                 a = self.accum
-                row = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                row = {"epoch": self.epoch + 1, "lr": self._lr(),
                        "train_loss": a["loss_sum"] / max(a["seen"], 1),
                        "train_error": 100.0 * (1 - a["correct"] / max(a["seen"], 1)),
                        "test_loss": evaluation["test_loss"], "test_error": evaluation["test_error"],
@@ -437,6 +556,7 @@ class Trainer:
         self.scheduler.base_lrs = [b * cfg.rollback_lr_factor for b in self.scheduler.base_lrs]
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
             group["lr"] = lr
+        self._lr_kind()
         log.warning("%s; rollback %d/%d to epoch %d with the lr scaled by %g", error, rollbacks,
                     cfg.max_rollbacks, self.epoch, cfg.rollback_lr_factor ** rollbacks)
         return True
