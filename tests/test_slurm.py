@@ -266,7 +266,7 @@ def test_rerun_reattaches_to_the_queued_job_and_a_cancelled_job_is_not_retried(t
         wait_for(lambda: list((root / "results" / "runs").glob("*/seed0/job.json")), 120, "the submission")
         job_id = record()["job_id"]
         os.killpg(first.pid, signal.SIGINT)  # Ctrl-C
-        assert first.wait(timeout=120) != 0
+        assert first.wait(timeout=300) != 0
         said = (tmp_path / "first.txt").read_text()
         run = next((root / "results" / "runs").iterdir())
         assert (f"imgclf: {run.name}/seed0: interrupted; SLURM job {job_id} is still PENDING: the next run "
@@ -283,7 +283,7 @@ def test_rerun_reattaches_to_the_queued_job_and_a_cancelled_job_is_not_retried(t
                                    imgclf(root, "status", "config/tables/queued.yaml")), 180, "epochs running")
         assert imgclf(root, "cancel", "config/tables/queued.yaml").splitlines()[0] == \
             f"{run.name}/seed0: cancelled SLURM job {job_id} (was RUNNING)"
-        assert second.wait(timeout=180) != 0
+        assert second.wait(timeout=300) != 0
     finally:
         if job_id is not None:
             subprocess.run(["scancel", job_id])
