@@ -232,3 +232,16 @@ def paired_parameters(ref_model, our_model) -> list[tuple[str, object, str, obje
     if {k: len(v) for k, v in theirs.items()} != {k: len(v) for k, v in ours.items()}:
         raise AssertionError("the two models' parameters differ in kind, shape or number")
     return [(rn, rp, on, op) for key in theirs for (rn, rp), (on, op) in zip(theirs[key], ours[key])]
+
+
+def augmentation_config(ref, **aug):
+    """The reference's default config with ``augmentation.<key>`` values set, e.g.
+    ``augmentation_config(ref, use_ricap=True, **{"cutout.mask_size": 8})``."""
+    cfg = ref.get_default_config()
+    for key, value in aug.items():
+        node, _, leaf = key.rpartition(".")
+        target = cfg.augmentation
+        for part in filter(None, node.split(".")):
+            target = getattr(target, part)
+        setattr(target, leaf, value)
+    return cfg

@@ -22,6 +22,7 @@ from imgclf.augment.cutout import cutout
 from imgclf.augment.mixup import mixup
 from imgclf.augment.random_erasing import random_erasing
 from imgclf.augment.ricap import ricap
+from oracle import augmentation_config
 
 N = 10_000
 P_MIN = 1e-3
@@ -62,14 +63,8 @@ def _gen(seed):
 
 
 def _ref_cfg(ref, size, channels, **aug):
-    cfg = ref.get_default_config()
+    cfg = augmentation_config(ref, **aug)
     cfg.dataset.image_size, cfg.dataset.n_channels = size, channels
-    for key, value in aug.items():
-        node, _, leaf = key.rpartition(".")
-        target = cfg.augmentation
-        for part in filter(None, node.split(".")):
-            target = getattr(target, part)
-        setattr(target, leaf, value)
     return cfg
 
 

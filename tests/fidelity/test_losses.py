@@ -9,20 +9,13 @@ import torch
 
 from imgclf import losses
 from imgclf.tables import spec as S
-from oracle import RECIPES, REPO
+from oracle import RECIPES, REPO, augmentation_config
 
 K = 10
 
 
 def _ref_loss(ref, **aug):
-    cfg = ref.get_default_config()
-    for key, value in aug.items():
-        node, _, leaf = key.rpartition(".")
-        target = cfg.augmentation
-        for part in filter(None, node.split(".")):
-            target = getattr(target, part)
-        setattr(target, leaf, value)
-    return ref.create_loss(cfg)[0]
+    return ref.create_loss(augmentation_config(ref, **aug))[0]
 
 
 def _logits(n=64, seed=0):
