@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_run
+from conftest import make_run, stop_during_step
 from imgclf import config as C
 from imgclf.augment.pipeline import TrainTransform
 from imgclf.data import derive_seed
@@ -135,15 +135,7 @@ def test_batched_mode_resumes_bit_exactly_and_its_memory_fallback_draws_the_same
 
     stopped = make_run(tmp_path / "stopped", **overrides)
     trainer = Trainer(stopped, progress=False, stop_event=threading.Event())
-    inner, calls = trainer._train_step, []
-
-    def counting(*args):
-        calls.append(1)
-        if len(calls) == 14:  # 11 steps an epoch (digits, batch 128, drop_last)
-            trainer.stop_event.set()
-        return inner(*args)
-
-    trainer._train_step = counting
+    stop_during_step(trainer, 14, trainer.stop_event)  # epoch 2, step 4
     with pytest.raises(Preempted, match="epoch 2 step 4"):
         trainer.fit()
     del trainer

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from conftest import REPO, imgclf_cmd, make_run
+from conftest import REPO, imgclf_cmd, make_run, stop_during_step
 from imgclf.engine import Preempted, Trainer, train
 
 
@@ -89,15 +89,7 @@ def test_stop_request_mid_epoch_checkpoints_and_resumes_exactly(reference, tmp_p
     run = make_run(tmp_path / "run")
     stop = threading.Event()
     trainer = Trainer(run, progress=False, stop_event=stop)
-    inner, calls = trainer.train_transform, []
-
-    def counting(*args):
-        calls.append(1)
-        if len(calls) == 14:  # epoch 2, step 4
-            stop.set()
-        return inner(*args)
-
-    trainer.train_transform = counting
+    stop_during_step(trainer, 14, stop)  # epoch 2, step 4
     with pytest.raises(Preempted, match="epoch 2 step 4"):
         trainer.fit()
     assert trainer.saved_event.is_set()
@@ -173,15 +165,7 @@ def test_stop_mid_epoch_and_resume_is_bit_identical_with_random_features(case, t
         run = make_run(tmp_path / "run", **overrides)
         stop = threading.Event()
         trainer = Trainer(run, progress=False, stop_event=stop)
-        inner, calls = trainer.train_transform, []
-
-        def counting(*args):
-            calls.append(1)
-            if len(calls) == 14:
-                stop.set()
-            return inner(*args)
-
-        trainer.train_transform = counting
+        stop_during_step(trainer, 14, stop)  # epoch 2, step 4
         with pytest.raises(Preempted, match="epoch 2 step 4"):
             trainer.fit()
         del trainer

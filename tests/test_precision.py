@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from conftest import make_run
+from conftest import make_run, stop_during_step
 from imgclf.engine import Preempted, Trainer, train
 from imgclf.engine.precision import backend_flags
 
@@ -74,15 +74,7 @@ def test_amp_fp16_with_grad_scaler_trains_on_cpu_and_its_scale_survives_a_resume
     cut_dir = make_run(tmp_path / "cut", **cfg)
     stop = threading.Event()
     cut = Trainer(cut_dir, progress=False, stop_event=stop)
-    inner, calls = cut.train_transform, []
-
-    def counting(*args):
-        calls.append(1)
-        if len(calls) == 14:  # epoch 2, step 4: after the overflow, mid-epoch
-            stop.set()
-        return inner(*args)
-
-    cut.train_transform = counting
+    stop_during_step(cut, 14, stop)  # epoch 2, step 4
     with pytest.raises(Preempted):
         cut.fit()
     saved = torch.load(cut_dir / "checkpoint.pt", weights_only=True)["scaler"]

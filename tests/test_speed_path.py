@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_run
+from conftest import make_run, stop_during_step
 from imgclf.engine import train
 
 
@@ -54,15 +54,7 @@ _AUG = {"augmentation.use_mixup": True, "augmentation.use_cutout": True, "augmen
 
 def _stop_after(trainer, n_steps):
     """Request a stop after the n-th training step (whenever the batches were augmented)."""
-    inner, calls = trainer._train_step, []
-
-    def counting(*args):
-        calls.append(1)
-        if len(calls) == n_steps:
-            trainer.stop_event.set()
-        return inner(*args)
-
-    trainer._train_step = counting
+    stop_during_step(trainer, n_steps, trainer.stop_event)
 
 
 def test_whole_epoch_augmentation_buffer_trains_bit_identically_and_resumes_mid_epoch(tmp_path):
