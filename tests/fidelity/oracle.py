@@ -19,7 +19,7 @@ RECIPES = REPO / "config" / "recipes"
 def reference_missing() -> str | None:
     if not (REFERENCE_DIR / "pytorch_image_classification").is_dir():
         return f"the reference implementation is not in {REFERENCE_DIR} (set IMGCLF_REFERENCE_DIR)"
-    for name in ("yacs", "fvcore", "termcolor", "thop"):
+    for name in ("yacs", "fvcore", "termcolor", "thop", "tensorboard"):
         try:
             importlib.import_module(name)
         except ImportError:
