@@ -123,7 +123,8 @@ def test_submit_hands_the_job_its_signal_delay(tmp_path, monkeypatch):
         def submit(self, job):
             submitted.append(job)
 
-    monkeypatch.setattr(launch, "_submitit_executor", lambda *a: FakeExecutor())
+    for name in ("slurm", "local"):
+        monkeypatch.setattr(type(launch.get(name)), "executor", lambda *a: FakeExecutor())
     launch.submit(tmp_path, "slurm", launch.Resources(signal_delay_s=120))
     launch.submit(tmp_path, "local", launch.Resources(signal_delay_s=120))
     assert [j.signal_delay_s for j in submitted] == [120, 30]  # local: submitit's delay is capped at 30 s

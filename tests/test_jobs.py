@@ -18,12 +18,12 @@ from conftest import REPO, TINY, make_run
 
 def test_memory_is_per_task_so_a_multi_gpu_job_asks_for_it_per_gpu(tmp_path):
     """issue 13 #3: 4 and 8 ranks on a node must not share one task's 8 GB."""
-    from imgclf.launch import Resources, _submitit_executor
+    from imgclf.launch import Resources, get
 
     for gpus, mem in ((1, "8GB"), (4, "32GB"), (8, "64GB")):
-        ex = _submitit_executor("slurm", tmp_path, Resources(gpus=gpus, mem_gb=8))
+        ex = get("slurm").executor(tmp_path, Resources(gpus=gpus, mem_gb=8))
         assert (ex._executor.parameters["mem"], ex._executor.parameters["ntasks_per_node"]) == (mem, gpus)
-    ex = _submitit_executor("slurm", tmp_path, Resources(gpus=0, tasks=2, mem_gb=1.5))
+    ex = get("slurm").executor(tmp_path, Resources(gpus=0, tasks=2, mem_gb=1.5))
     assert ex._executor.parameters["mem"] == "3GB"
 
 
@@ -81,10 +81,14 @@ def test_run_directory_lock_excludes_a_second_owner_and_survives_a_crashed_one(t
 
 
 def _fake_submit(calls):
-    def submit(run_dir, launcher, resources, job_name, evaluate):
-        calls.append(run_dir)
-        raise RuntimeError("sbatch: error: Batch job submission failed: Requested node configuration is not available")
-    return submit
+    from imgclf.launch.slurm import SlurmLauncher
+
+    class Refused(SlurmLauncher):
+        def submit(self, run_dir, resources, job_name, evaluate):
+            calls.append(run_dir)
+            raise RuntimeError("sbatch: error: Batch job submission failed: Requested node configuration is not "
+                               "available")
+    return Refused()
 
 
 def test_a_retry_resubmits_only_after_a_failure_that_can_pass(tmp_path):
@@ -95,23 +99,23 @@ def test_a_retry_resubmits_only_after_a_failure_that_can_pass(tmp_path):
     calls = []
     # sbatch refusing the request is deterministic: recorded as such, and not retried
     with pytest.raises(jobs.JobError, match=r"^r/seed0: submission refused: sbatch: error: .*not available$") as e:
-        jobs.launch(run, "slurm", Resources(), "r/seed0", True, _fake_submit(calls), attempt=1)
+        jobs.launch(run, _fake_submit(calls), Resources(), "r/seed0", True, attempt=1)
     assert not e.value.retryable and len(calls) == 1
     with pytest.raises(jobs.JobError, match=r"\(not retried: REFUSED cannot pass on another try\)$"):
-        jobs.launch(run, "slurm", Resources(), "r/seed0", True, _fake_submit(calls), attempt=2)
+        jobs.launch(run, _fake_submit(calls), Resources(), "r/seed0", True, attempt=2)
     assert len(calls) == 1
     for state, retried in (("CANCELLED", False), ("FAILED", False), ("NODE_FAIL", True), ("PREEMPTED", True)):
         jobs.write_record(run, failure={"state": state, "message": f"r/seed0: SLURM job 7 {state}: x",
                                         "retryable": state in jobs.RETRYABLE})
         with pytest.raises(jobs.JobError):
-            jobs.launch(run, "slurm", Resources(), "r/seed0", True, _fake_submit(calls), attempt=2)
+            jobs.launch(run, _fake_submit(calls), Resources(), "r/seed0", True, attempt=2)
         assert len(calls) == 1 + retried, state
         calls.clear()
         calls.append(None)
     # a new invocation (attempt 1) always tries again: the seed resumes from its checkpoint
     jobs.write_record(run, failure={"state": "CANCELLED", "message": "m", "retryable": False})
     with pytest.raises(jobs.JobError, match="submission refused"):
-        jobs.launch(run, "slurm", Resources(), "r/seed0", True, _fake_submit(calls), attempt=1)
+        jobs.launch(run, _fake_submit(calls), Resources(), "r/seed0", True, attempt=1)
 
 
 def test_the_cause_is_the_jobs_exception_or_slurms_own_line():
@@ -133,13 +137,13 @@ def test_the_cause_is_the_jobs_exception_or_slurms_own_line():
 
 
 def test_fp16_without_a_gpu_is_found_before_submitting():
-    from imgclf.launch.jobs import device_problem
+    from imgclf.launch import get
 
     fp16 = {"train": {"precision": "fp16"}}
-    assert "its job gets no GPU (resources.gpus is 0)" in device_problem(fp16, "slurm", 0)
-    assert "train.precision fp16 needs a CUDA device" in device_problem(fp16, "slurm", 0)
-    assert device_problem(fp16, "slurm", 1) is None
-    assert device_problem({"train": {"precision": "bf16"}}, "slurm", 0) is None
+    assert "its job gets no GPU (resources.gpus is 0)" in get("slurm").can_run(fp16, 0)
+    assert "train.precision fp16 needs a CUDA device" in get("slurm").can_run(fp16, 0)
+    assert get("slurm").can_run(fp16, 1) is None
+    assert get("slurm").can_run({"train": {"precision": "bf16"}}, 0) is None
 
 
 def test_status_lists_every_seed(tmp_path):
@@ -224,8 +228,8 @@ def test_scheduler_polling_stays_one_query_per_period_whatever_the_seeds_in_flig
     (bin_dir / "sacct").write_text(f"#!/bin/sh\necho x >> {calls}\n"
                                    "i=1; while [ $i -le 500 ]; do echo \"$i|PENDING\"; i=$((i+1)); done\n")
     (bin_dir / "sacct").chmod(0o755)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from imgclf.launch import jobs; "
-            "states = jobs.slurm_states([str(i) for i in range(1, 501)]); "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from imgclf.launch import slurm; "
+            "states = slurm.slurm_states([str(i) for i in range(1, 501)]); "
             "assert set(states.values()) == {'PENDING'}, states")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "IMGCLF_STATE_DIR": str(tmp_path / "state"),
            "IMGCLF_SLURM_POLL_S": "600"}

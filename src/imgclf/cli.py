@@ -31,13 +31,13 @@ def _build_config(args) -> C.Config:
 
 def cmd_train(args) -> int:
     from imgclf import data, runs
-    from imgclf.launch import Resources, run
+    from imgclf.launch import Resources, get, run
 
     cfg = _build_config(args)
     # Everything the engine would refuse fails here, before anything is written: the model,
     # optimizer and schedule of this config (built on the meta device), then the data.
     _preflight(cfg)
-    if args.launcher == "debug":  # in-process: this machine's device is the run's
+    if not get(args.launcher).submits:  # in-process: this machine's device is the run's
         from imgclf.engine import distenv
         from imgclf.engine.precision import Precision
 
@@ -218,6 +218,8 @@ def _at_least(low: int):
 
 
 def parser() -> argparse.ArgumentParser:
+    from imgclf import launch
+
     p = _Parser(prog="imgclf", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
@@ -226,7 +228,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="recipe YAML, e.g. config/recipes/cifar/resnet_preact.yaml")
     t.add_argument("--output-dir", help="run directory (default results/runs/<run_id>/seed<seed>)")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
-    t.add_argument("--launcher", default="debug", choices=["debug", "local", "slurm"])
+    t.add_argument("--launcher", default=launch.DEFAULT, choices=launch.names())
     t.add_argument("--tasks", type=_at_least(1), default=1, help="DDP ranks on CPU (local/slurm launchers)")
     t.add_argument("--gpus", type=_at_least(0), default=0, help="GPUs per node (local/slurm launchers)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from imgclf import config as C
+from imgclf.launch.base import DEFAULT
 
 
-def train_seed(run_dir: str | Path, config: dict[str, Any], seed: int, *, launcher: str = "debug",
+def train_seed(run_dir: str | Path, config: dict[str, Any], seed: int, *, launcher: str = DEFAULT,
                resources: dict[str, Any] | None = None, data_root: str = "", progress: bool = True,
                attempt: int = 1) -> dict[str, Any]:
     """Train (or resume) one seed of a run into ``run_dir``, then score its saved final weights in
@@ -19,19 +20,21 @@ def train_seed(run_dir: str | Path, config: dict[str, Any], seed: int, *, launch
     thread count is the resolved config's (``train.threads``), so the launcher never changes the
     numbers; ``attempt`` > 1 is a Snakemake retry."""
     from imgclf import runs
-    from imgclf.launch import Resources, jobs, run
+    from imgclf.launch import Resources, get, jobs, run
 
     cfg = C.from_dict(config)
     cfg.train.seed = seed
     if data_root:
         cfg.data_root = str(Path(data_root).resolve())
     run_dir = Path(run_dir)
+    label = jobs.seed_label(run_dir)
+    # Checked before the run directory is written: these values become the job's sbatch script.
+    res = Resources.from_dict(resources, label)
     runs.prepare(cfg, run_dir, resume=True)  # an interrupted seed resumes from its checkpoint
-    if launcher == "debug":
-        jobs.say(f"{jobs.seed_label(run_dir)}: training on this machine (launcher debug, "
-                 f"{cfg.train.threads} thread(s))")
-    return run(run_dir, launcher=launcher, resources=Resources(**(resources or {})),
-               job_name=f"{run_dir.parent.name}/{run_dir.name}", progress=progress, evaluate=True, attempt=attempt)
+    if not get(launcher).submits:
+        jobs.say(f"{label}: training on this machine (launcher {launcher}, {cfg.train.threads} thread(s))")
+    return run(run_dir, launcher=launcher, resources=res, job_name=label, progress=progress, evaluate=True,
+               attempt=attempt)
 
 
 def aggregate_table(spec_path: str | Path, runs_dir: str | Path, csv_out: str | Path,

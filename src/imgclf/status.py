@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgclf import launch
 from imgclf.launch import jobs
 
 
@@ -36,20 +37,21 @@ def table_status(spec_path: str | Path, runs_dir: str | Path = "results/runs",
     table = spec.load(spec_path, recipes_dir)
     seeds = [(r, s, Path(runs_dir) / r.run_id / f"seed{s}") for r in table.rows if r.run_id for s in r.seeds]
     records = {d: jobs.read_record(d) or {} for _, _, d in seeds}
-    ids = sorted({r["job_id"] for r in records.values() if r.get("launcher") == "slurm" and r.get("job_id")})
-    states = jobs.slurm_states(ids, fresh=True) if ids else {}
+    states = jobs.job_states(records.values())  # each launcher asked once, for all of its jobs
     out = []
     for row, seed, run_dir in seeds:
         record = records[run_dir]
         epochs = row.config.scheduler.epochs if row.config is not None else "?"
         state = states.get(record.get("job_id", ""), "")
+        launcher = launch.get(record["launcher"]) if record.get("launcher") in launch.names() else None
+        where = launcher.status(state) if launcher is not None and state else None
         if (run_dir / "eval.json").is_file():
             score = json.loads((run_dir / "eval.json").read_text())
             detail = "diverged" if score.get("diverged") else f"test error {score['test_error']:.2f}%"
             out.append(SeedStatus(row.id, seed, run_dir, "done", detail))
-        elif state in jobs.ACTIVE and state not in ("", "UNKNOWN"):
-            job = f"SLURM job {record['job_id']}"
-            if state == "PENDING":
+        elif where is not None:
+            job = f"{launcher.job_kind} {record['job_id']}"
+            if where == "queued":
                 out.append(SeedStatus(row.id, seed, run_dir, "queued", job))
             else:
                 out.append(SeedStatus(row.id, seed, run_dir, "running",

@@ -7,7 +7,8 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
-from imgclf.launch import jobs as imgclf_jobs
+from imgclf import launch as imgclf_launch
+from imgclf.launch.resources import ResourceError
 from imgclf.tables import plan as imgclf_plan
 from imgclf.tables.spec import SpecError
 
@@ -31,6 +32,14 @@ def typed(value, schema):
 CONFIG_SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 config.update(typed(dict(config), yaml.safe_load(Path(CONFIG_SCHEMA).read_text())))
 validate(config, "../schemas/config.schema.yaml")
+# The launcher registry, not the schema, knows the launchers (a module may register more).
+try:
+    LAUNCHER = imgclf_launch.get(config["launcher"])
+    # Every value that reaches an sbatch script is checked here, at planning, not at submission.
+    for section in ("resources", "slurm"):
+        imgclf_launch.Resources.from_dict(config.get(section, {}), "config", section)
+except ValueError as e:
+    raise WorkflowError(str(e) if isinstance(e, ResourceError) else f"config: {e}") from None
 STARTED = time.time()
 
 TABLES_DIR = Path("config/tables")
@@ -43,7 +52,7 @@ RUNS_DIR = Path("results/runs")
 try:
     PLAN = imgclf_plan.Plan.cached(".snakemake/imgclf/plan.json", TABLES_DIR, RECIPES_DIR,
                                    defaults=config.get("resources", {}))
-except SpecError as e:
+except (SpecError, ResourceError) as e:
     raise WorkflowError(str(e)) from None
 for name in config["tables"]:
     if name not in PLAN.tables:
@@ -52,7 +61,7 @@ for name in config["tables"]:
             f"(known: {', '.join(sorted(PLAN.tables))})"
         )
 print(PLAN.summary(RUNS_DIR), file=sys.stderr)
-print(imgclf_jobs.launcher_summary(config["launcher"], config.get("resources", {})), file=sys.stderr)
+print(LAUNCHER.describe(config.get("resources", {})), file=sys.stderr)
 
 
 # A run id is <dataset>-<model>-<config hash>; its dataset part names the dataset cache it reads.
@@ -99,7 +108,7 @@ def get_train_job(wildcards):
     the launcher. A device the job will not have (fp16 without a GPU) fails here, at planning."""
     run = get_run(wildcards)
     resources = {**config.get("slurm", {}), **run.resources}
-    problem = imgclf_jobs.device_problem(run.config, config["launcher"], int(resources.get("gpus", 0) or 0))
+    problem = LAUNCHER.can_run(run.config, int(resources.get("gpus", 0) or 0))
     if problem:
         raise WorkflowError(f"{', '.join(run.rows)}: {problem}")
     return {
@@ -114,15 +123,12 @@ def get_train_job(wildcards):
 def get_train_threads(wildcards):
     """The cores a training job takes here: its torch threads (train.threads) x its ranks on this
     machine; none under SLURM, where this job only waits."""
-    if config["launcher"] == "slurm":
-        return 0
     run = get_run(wildcards)
-    ranks = int(run.resources.get("tasks", 1) or 1) if config["launcher"] == "local" else 1
-    return int(run.config["train"].get("threads", 1)) * ranks
+    return LAUNCHER.local_cores(int(run.config["train"].get("threads", 1)), run.resources)
 
 
 def get_slurm_jobs(wildcards):
-    return 1 if config["launcher"] == "slurm" else 0
+    return LAUNCHER.cluster_slots()
 
 
 def get_attempt(wildcards, attempt):

@@ -72,8 +72,10 @@ def job_port(job_id: str) -> int:
 
 def resolve(env: Mapping[str, str]) -> DistEnv:
     """The rank, world and rendezvous of this process (see the module's docstring)."""
-    executor = env.get("SUBMITIT_EXECUTOR", "")
-    if executor == "slurm" and env.get("SLURM_JOB_ID"):
+    from imgclf.launch.base import rendezvous
+
+    source = rendezvous(env)  # which launcher's job variables this process has, if any
+    if source == "submitit-slurm":
         world = _int(env, "SLURM_NTASKS", 1)
         nodes = _int(env, "SLURM_JOB_NUM_NODES", 1)
         if world % nodes:
@@ -83,7 +85,7 @@ def resolve(env: Mapping[str, str]) -> DistEnv:
                        local_world_size=world // nodes, master_addr=first_host(env.get("SLURM_JOB_NODELIST", "")
                                                                                 or "localhost"),
                        master_port=port, source="submitit-slurm")
-    if executor == "local" and env.get("SUBMITIT_LOCAL_JOB_ID"):
+    if source == "submitit-local":
         world = _int(env, "SUBMITIT_LOCAL_NTASKS", 1)
         return DistEnv(rank=_int(env, "SUBMITIT_LOCAL_GLOBALID", 0), world_size=world,
                        local_rank=_int(env, "SUBMITIT_LOCAL_LOCALID", 0), local_world_size=world,

@@ -73,11 +73,9 @@ def environment(device: torch.device, world_size: int) -> dict[str, Any]:
 
 def _launcher() -> str:
     """How this process was started, read from what each launcher sets."""
-    if os.environ.get("SUBMITIT_LOCAL_JOB_ID"):
-        return "local"
-    if os.environ.get("SLURM_JOB_ID"):
-        return "slurm"
-    return "torchrun" if os.environ.get("TORCHELASTIC_RUN_ID") else "debug"
+    from imgclf.launch.base import started_by
+
+    return started_by(os.environ)
 
 
 def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:

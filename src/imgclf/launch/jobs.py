@@ -1,4 +1,5 @@
-"""One seed's submitted job as the submitting side sees it.
+"""One seed's submitted job as the submitting side sees it, whatever the launcher (see
+:class:`imgclf.launch.base.Launcher` for what differs between them).
 
 - The run directory is owned by one submitter at a time: an ``flock`` on ``<run_dir>/.lock``,
   which the kernel releases when its holder dies, so a crashed holder never leaves it stuck.
@@ -6,23 +7,17 @@
   it failed, why: a re-run re-attaches to a job that is still queued or running instead of
   submitting a second one, and a retry of a failure that cannot pass (a cancelled job, an error
   in the job, a refused submission) fails at once with the same line instead of resubmitting.
-- The scheduler is asked about jobs through one ``sacct`` of this user's jobs, cached in a file
-  that every waiting process on this machine shares: the polling load is one query per
-  :data:`POLL_S` seconds, whatever the number of seeds in flight.
-- A failed job is described on one line: the seed, the SLURM job id and state, the last error
-  line from the job, and its log's path.
+- A failed job is described on one line: the seed, the job id and state, the last error line
+  from the job, and its log's path.
 """
 from __future__ import annotations
 
 import fcntl
-import getpass
-import hashlib
 import json
 import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -33,11 +28,6 @@ from imgclf.utils import write_json
 
 RECORD = "job.json"
 LOCK = ".lock"
-POLL_S = float(os.environ.get("IMGCLF_SLURM_POLL_S", "30"))  # the shared sacct cache's refresh period
-
-# sacct states of a job that may still run; anything else has ended.
-ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-                    "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "UNKNOWN"})
 # Failures that can pass on another try: the node or the scheduler failed, not the job.
 RETRYABLE = frozenset({"NODE_FAIL", "PREEMPTED", "BOOT_FAIL"})
 # sbatch refusals that are about the scheduler's health rather than the request.
@@ -111,82 +101,16 @@ def write_record(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
     return record
 
 
-# --- the scheduler's view, at a bounded polling rate ------------------------------------------
-
-def _cache_path() -> Path:
-    root = Path(os.environ.get("IMGCLF_STATE_DIR") or Path.home() / ".cache" / "imgclf")
-    cluster = hashlib.sha256(os.environ.get("SLURM_CONF", "").encode()).hexdigest()[:8]
-    return root / f"sacct-{getpass.getuser()}-{cluster}.json"
-
-
-def _sacct(job_ids: list[str] | None = None) -> dict[str, str]:
-    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobIDRaw,State"]
-    cmd += ["-j", ",".join(job_ids)] if job_ids else ["-u", getpass.getuser(), "-S", "now-14days"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    states = {}
-    for line in out.stdout.splitlines():
-        job_id, _, state = line.partition("|")
-        if state:
-            states[job_id.strip()] = state.split()[0]  # "CANCELLED by 1000" -> CANCELLED
-    return states
-
-
-def _squeue(job_ids: list[str]) -> dict[str, str]:
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T"], capture_output=True,
-                             text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    return {i: st for i, _, st in (line.partition("|") for line in out.stdout.split()) if st}
-
-
-def slurm_states(job_ids: list[str], fresh: bool = False) -> dict[str, str]:
-    """{job id: sacct state} ("UNKNOWN" for a job sacct does not show yet). Unless ``fresh``, from
-    the shared cache, refreshed by whichever process first finds it older than :data:`POLL_S`."""
-    if fresh:
-        states = _sacct(job_ids)
-        missing = [j for j in job_ids if j not in states]
-        if missing:  # accounting can lag a just-submitted job; the controller knows it
-            states.update(_squeue(missing))
-        return {j: states.get(j, "UNKNOWN") for j in job_ids}
-    path = _cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one refresh at a time; the others read its result
-        try:
-            cached = json.loads(path.read_text())
-        except (OSError, ValueError):
-            cached = {"time": 0.0, "states": {}}
-        if time.time() - cached["time"] >= POLL_S:
-            cached = {"time": time.time(), "states": _sacct()}
-            write_json(path, cached)
-    return {j: cached["states"].get(j, "UNKNOWN") for j in job_ids}
-
-
 # --- submitting, re-attaching and waiting ----------------------------------------------------
 
-def _slurm_job(folder: Path, job_id: str, tasks: int):
-    from submitit.slurm.slurm import SlurmJob
-
-    return SlurmJob(folder=folder, job_id=job_id, tasks=tuple(range(tasks)))
-
-
-def _result_files(job, tasks: int) -> list[Path]:
-    from submitit.core.utils import JobPaths
-
-    return [JobPaths(job.paths.folder, job.job_id, t).result_pickle for t in range(tasks)]
-
-
-def launch(run_dir: str | Path, launcher: str, resources, job_name: str, evaluate: bool, submit_fn,
+def launch(run_dir: str | Path, launcher, resources, job_name: str, evaluate: bool,
            attempt: int = 1) -> dict[str, Any]:
-    """Run ``run_dir``'s training through ``launcher`` (local | slurm) and return rank 0's result.
+    """Run ``run_dir``'s training through ``launcher`` (a :class:`~imgclf.launch.base.Launcher`)
+    and return rank 0's result.
 
-    Holds the run directory's lock throughout. Under SLURM: re-attaches to the seed's job if it
-    is still queued or running; on a retry (``attempt`` > 1), refuses to resubmit after a failure
-    that cannot pass. ``submit_fn(run_dir, launcher, resources, job_name, evaluate)`` submits."""
+    Holds the run directory's lock throughout. Re-attaches to the seed's job if the launcher
+    finds it still queued or running; on a retry (``attempt`` > 1), refuses to resubmit after a
+    failure that cannot pass."""
     run_dir = Path(run_dir)
     label = seed_label(run_dir)
     with RunLock(run_dir):
@@ -195,16 +119,13 @@ def launch(run_dir: str | Path, launcher: str, resources, job_name: str, evaluat
         if attempt > 1 and failure and not failure.get("retryable"):
             raise JobError(f"{failure['message']} (not retried: {failure['state']} cannot pass on another try)",
                            failure["state"], False, record.get("job_id"))
-        job, tasks = None, resources.nodes * resources.tasks_per_node
-        if launcher == "slurm" and record.get("launcher") == "slurm" and record.get("job_id"):
-            state = slurm_states([record["job_id"]], fresh=True)[record["job_id"]]
-            if state in ACTIVE and state != "UNKNOWN":
-                tasks = int(record.get("tasks", 1))
-                job = _slurm_job(Path(record["folder"]), record["job_id"], tasks)
-                say(f"{label}: re-attached to SLURM job {job.job_id} ({state}), not submitting another")
-        if job is None:
+        tasks = resources.nodes * resources.tasks_per_node
+        job = launcher.attach(run_dir, record)
+        if job is not None:
+            tasks = int(record.get("tasks", 1))
+        else:
             try:
-                job = submit_fn(run_dir, launcher, resources, job_name, evaluate)
+                job = launcher.submit(run_dir, resources, job_name, evaluate)
             except Exception as e:  # noqa: BLE001 - sbatch's refusal, as one line
                 lines = [ln for ln in str(e).splitlines() if "error" in ln.lower()] or str(e).splitlines() or [""]
                 cause = lines[-1].strip()
@@ -213,75 +134,48 @@ def launch(run_dir: str | Path, launcher: str, resources, job_name: str, evaluat
                 write_record(run_dir, failure={"state": "REFUSED", "message": message, "retryable": retry,
                                                "time": time.time()})
                 raise JobError(message, "REFUSED", retry) from None
-            write_record(run_dir, launcher=launcher, job_id=str(job.job_id), tasks=tasks,
+            write_record(run_dir, launcher=launcher.name, job_id=str(job.job_id), tasks=tasks,
                          folder=str(job.paths.folder), submitted=time.time(), failure=None)
-            what = "SLURM job" if launcher == "slurm" else "local job"
-            say(f"{label}: submitted {what} {job.job_id} ({_describe(resources)})")
-        return _wait(run_dir, label, launcher, job, tasks)
+            say(f"{label}: submitted {launcher.job_kind} {job.job_id} ({describe_resources(resources)})")
+        return _wait(run_dir, label, launcher, job, tasks, evaluate)
 
 
-def _describe(res) -> str:
+def describe_resources(res) -> str:
     gpus = f"{res.gpus} GPU(s)" if res.gpus else "no GPU"
     return (f"{res.nodes} node(s) x {res.tasks_per_node} task(s), {gpus}, {res.cpus_per_task} CPU(s) and "
             f"{res.mem_gb:g} GB per task, {res.time_min} min")
 
 
-def _wait(run_dir: Path, label: str, launcher: str, job, tasks: int) -> dict[str, Any]:
-    state = "RUNNING"
+def _wait(run_dir: Path, label: str, launcher, job, tasks: int, evaluate: bool) -> dict[str, Any]:
     previous = signal.getsignal(signal.SIGTERM)
     main = threading.current_thread() is threading.main_thread()
     if main:  # Snakemake stops its jobs with SIGTERM: say what keeps running, as for Ctrl-C
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        if launcher == "slurm":
-            files = _result_files(job, tasks)
-            unknown_since = None
-            while not all(f.exists() for f in files):
-                state = slurm_states([str(job.job_id)])[str(job.job_id)]
-                if state == "UNKNOWN":  # not in the cache yet; if it stays so, ask the scheduler itself
-                    unknown_since = unknown_since or time.monotonic()
-                    if time.monotonic() - unknown_since > 2 * POLL_S + 30:
-                        state = slurm_states([str(job.job_id)], fresh=True)[str(job.job_id)]
-                        unknown_since = None if state != "UNKNOWN" else unknown_since
-                        if state == "UNKNOWN":
-                            break  # neither sacct nor squeue knows it: it has ended
-                else:
-                    unknown_since = None
-                if state not in ACTIVE:
-                    break
-                time.sleep(1)
-            job._results_timeout_s = 5 if state not in ACTIVE else job._results_timeout_s
         try:
-            results = job.results()  # one per task; rank 0's is the run's
+            result = launcher.wait(run_dir, job, tasks, evaluate)
         except Exception as e:  # noqa: BLE001 - described on one line below
             raise _failure(run_dir, label, launcher, job, e) from None
     except KeyboardInterrupt:
-        if launcher == "slurm":
-            state = slurm_states([str(job.job_id)], fresh=True)[str(job.job_id)]
-            if state in ACTIVE:
-                say(f"{label}: interrupted; SLURM job {job.job_id} is still {state}: the next run re-attaches to "
-                    f"it; stop it with `imgclf cancel {run_dir}` (or `scancel {job.job_id}`)")
+        still = launcher.interrupted(run_dir, job)
+        if still:
+            say(f"{label}: {still}")
         raise
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
     write_record(run_dir, state="COMPLETED", failure=None)
-    return results[0]
+    return result
 
 
-def _failure(run_dir: Path, label: str, launcher: str, job, error: Exception) -> JobError:
+def _failure(run_dir: Path, label: str, launcher, job, error: Exception) -> JobError:
     job_id = str(job.job_id)
-    state = "FAILED"
-    if launcher == "slurm":
-        state = slurm_states([job_id], fresh=True)[job_id]
-        if state in ACTIVE or state == "COMPLETED":  # e.g. rank 0 raised while another rank ends
-            state = "FAILED"
+    state = launcher.final_state(job_id)
     logs = sorted(Path(job.paths.folder).glob(f"{job_id}_*_log.err"))
     cause = last_error_line(str(error), [p.read_text(errors="replace") for p in logs if p.is_file()], state)
     where = logs[0] if logs else Path(job.paths.folder)
-    kind = "SLURM job" if launcher == "slurm" else "local job"
     retryable = state in RETRYABLE
-    message = f"{label}: {kind} {job_id} {state}: {cause}; log {where}"
+    message = f"{label}: {launcher.job_kind} {job_id} {state}: {cause}; log {where}"
     write_record(run_dir, state=state, failure={"state": state, "message": message, "retryable": retryable,
                                                 "time": time.time()})
     return JobError(message, state, retryable, job_id)
@@ -315,47 +209,29 @@ def last_error_line(error_text: str, logs: list[str], state: str) -> str:
 # --- cancelling -------------------------------------------------------------------------------
 
 def cancel(run_dirs: list[Path]) -> list[str]:
-    """scancel the still queued or running SLURM jobs of ``run_dirs``; one line per job stopped."""
-    records = {d: r for d in run_dirs if (r := read_record(d)) and r.get("launcher") == "slurm" and r.get("job_id")}
-    states = slurm_states(sorted({r["job_id"] for r in records.values()}), fresh=True) if records else {}
+    """Stop the still queued or running jobs of ``run_dirs``; one line per job stopped."""
+    from imgclf.launch import base
+
+    records = {d: r for d in run_dirs if (r := read_record(d)) and r.get("launcher") in base.names()
+               and r.get("job_id")}
+    states = job_states(records.values())
     lines = []
     for run_dir, record in records.items():
-        state = states.get(record["job_id"], "UNKNOWN")
-        if state in ACTIVE and state != "UNKNOWN":
-            subprocess.run(["scancel", record["job_id"]], check=True, capture_output=True, text=True)
-            lines.append(f"{seed_label(run_dir)}: cancelled SLURM job {record['job_id']} (was {state})")
+        line = base.get(record["launcher"]).cancel(run_dir, record, states.get(record["job_id"], "UNKNOWN"))
+        if line:
+            lines.append(f"{seed_label(run_dir)}: {line}")
     return lines
 
 
-# --- what can be refused before submitting ---------------------------------------------------
+def job_states(records) -> dict[str, str]:
+    """{job id: state} of the jobs the records name, each launcher asked once for all of its own."""
+    from imgclf.launch import base
 
-def device_problem(config: dict[str, Any], launcher: str, gpus: int) -> str | None:
-    """Why a resolved config cannot run on the device its job will get, or None: e.g. fp16 on a
-    job without a GPU. The engine's own precision check decides (``Precision`` on a CPU device)."""
-    precision = str(config.get("train", {}).get("precision", "fp32"))
-    if precision in ("fp32", "bf16", "tf32", "O0"):  # never refused on a CPU: no torch import
-        return None
-    import torch
-
-    if gpus > 0 if launcher == "slurm" else torch.cuda.is_available():
-        return None
-    from imgclf import config as C
-    from imgclf.engine.precision import Precision
-
-    try:
-        Precision(C.PRECISION_ALIASES.get(precision, precision), torch.device("cpu"))
-    except ValueError as e:
-        where = "resources.gpus is 0" if launcher == "slurm" else f"launcher {launcher} on a machine without CUDA"
-        return f"its job gets no GPU ({where}), and {e}"
-    return None
-
-
-def launcher_summary(launcher: str, defaults: dict[str, Any]) -> str:
-    """The line a workflow prints first: where its training jobs will run, with what by default."""
-    if launcher == "debug":
-        return "imgclf launcher: debug (training inside each Snakemake job, on this machine)"
-    gpus = int(defaults.get("gpus", 0) or 0)
-    ask = f"{gpus} GPU(s)" if gpus else "no GPU"
-    return (f"imgclf launcher: {launcher} (each seed one submitit job; by default {ask}, "
-            f"{defaults.get('cpus_per_task', '?')} CPU(s), {defaults.get('mem_gb', '?')} GB per task, "
-            f"{defaults.get('time_min', '?')} min; a row's resources replace these)")
+    by_launcher: dict[str, set[str]] = {}
+    for r in records:
+        if r.get("launcher") in base.names() and r.get("job_id"):
+            by_launcher.setdefault(r["launcher"], set()).add(r["job_id"])
+    states: dict[str, str] = {}
+    for name, ids in by_launcher.items():
+        states.update(base.get(name).state(sorted(ids)))
+    return states

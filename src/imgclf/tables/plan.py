@@ -45,6 +45,9 @@ CACHE_FORMAT = 1
 
 class Plan:
     def __init__(self, tables: dict[str, S.Table], defaults: dict[str, Any] | None = None):
+        from imgclf.launch.resources import check
+
+        check(dict(defaults or {}), "config", "resources")  # the rows' own are checked by spec.load
         self.tables = tables
         self.runs: dict[str, Run] = {}
         from_rows: dict[str, set[str]] = {}

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf import config as C
+from imgclf.launch.resources import problem as resource_problem
 from imgclf.runs import run_id
 from imgclf.utils import clip
 
@@ -46,14 +47,6 @@ def _seeds_ok(seeds: Any) -> bool:
     return isinstance(seeds, list) and bool(seeds) and all(
         isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= C.INT_LIMIT for s in seeds) \
         and len(set(seeds)) == len(seeds)
-
-
-def _resource_ok(key: str, value: Any) -> bool:
-    if key == "partition":
-        return isinstance(value, str)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        return False
-    return key == "mem_gb" or isinstance(value, int)
 
 
 def _show(value: Any) -> str:
@@ -156,9 +149,10 @@ def _row(raw: Any, i: int, where: str, seen: set[str], table: Table, recipes_dir
             k = sorted(bad)[0]
             raise SpecError(f"{at}unknown {key} key {_show(k)}{_closest(str(k)[:100], valid)}")
     for key, value in resources.items():
-        if not _resource_ok(key, value):
-            want = "a string" if key == "partition" else "a number >= 0" if key == "mem_gb" else "an integer >= 0"
-            raise SpecError(f"{at}resources.{key}: expected {want}, got {clip(value)}")
+        # Checked as SLURM will read it: a value that passes planning must pass sbatch too.
+        said = resource_problem(key, value)
+        if said:
+            raise SpecError(f"{at}resources.{key}: {said}")
     bad_keys = [k for k in overrides if not isinstance(k, str) or not k]
     if bad_keys:
         raise SpecError(f"{at}override key {clip(bad_keys[0])} is not a config key like 'train.base_lr'")
