@@ -24,8 +24,9 @@ class ResourceError(InputError):
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}(?:,[A-Za-z0-9_.-]{1,64}){0,31}")
 # A job name: the seed's label, e.g. cifar10-resnet_preact-0123abcd/seed0.
 _JOB_NAME = re.compile(r"[A-Za-z0-9_.:/+=@-]{1,200}")
-# An ``extra`` option's value: no blank, quote, shell metacharacter or control character.
-_OPTION_VALUE = re.compile(r"[A-Za-z0-9_.,:/=+@%*\[\]-]{1,200}")
+# An ``extra`` option's value, e.g. a constraint "a100|h100" or "[rack1*2&rack2*4]": each lands
+# on an "#SBATCH --key=value" line, so no blank, quote, '$', backslash or control character.
+_OPTION_VALUE = re.compile(r"[A-Za-z0-9_.,:/=+@%*|&!\[\]-]{1,200}")
 
 # (kind, low, high) of each number: integers unless the kind says float.
 NUMBERS: dict[str, tuple[type, float, float]] = {
@@ -83,7 +84,7 @@ def _extra_problem(extra: Any) -> str | None:
                 return f".{key}: {clip(value)} is out of range [0, 1e9]"
             continue
         if not isinstance(value, str) or not _OPTION_VALUE.fullmatch(value):
-            return (f".{key}: {clip(value)} is not an sbatch option value (letters, digits and _.,:/=+@%*[]-; "
+            return (f".{key}: {clip(value)} is not an sbatch option value (letters, digits and _.,:/=+@%*|&![]-; "
                     "no blank, quote or control character), a whole number or true/false")
     return None
 
