@@ -119,7 +119,9 @@ def test_a_retry_resubmits_only_after_a_failure_that_can_pass(tmp_path):
 
 
 def test_the_cause_is_the_jobs_exception_or_slurms_own_line():
-    from imgclf.launch.jobs import last_error_line
+    from imgclf.launch import get
+
+    last_error_line = get("slurm").cause
 
     trace = ("Job (task=0) failed during processing with trace:\n----\nTraceback (most recent call last):\n"
              '  File "x.py", line 3, in f\n    raise C.ConfigError("bad")\n'

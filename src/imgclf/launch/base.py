@@ -106,6 +106,14 @@ class Launcher:
         """Block until ``job`` has ended; rank 0's result, or an exception saying why there is none."""
         return job.results()[0]
 
+    def cause(self, error_text: str, logs: list[str], state: str) -> str:
+        """The line that says why a job failed: the exception it raised (from the error the wait
+        raised, else from the job's logs)."""
+        from imgclf.launch.jobs import exception_line
+
+        found = exception_line(error_text) or next(filter(None, map(exception_line, logs)), None)
+        return found or "no error line in the job's log"
+
     def final_state(self, job_id: str) -> str:
         """The state a job that raised or ended without a result is recorded with."""
         return "FAILED"

@@ -34,7 +34,6 @@ RETRYABLE = frozenset({"NODE_FAIL", "PREEMPTED", "BOOT_FAIL"})
 _TRANSIENT = re.compile(r"temporar|timed? ?out|try again|socket|unable to contact|connection", re.I)
 # The last line of a Python traceback: "pkg.mod.SomeError: message".
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit))(?::\s*(.*))?$")
-_STEPD = re.compile(r"slurmstepd(?:-[\w.-]+)?: error: (.*)$")  # "slurmstepd-<host>: error: ..." on newer SLURMs
 
 
 class JobError(RuntimeError):
@@ -172,7 +171,7 @@ def _failure(run_dir: Path, label: str, launcher, job, error: Exception) -> JobE
     job_id = str(job.job_id)
     state = launcher.final_state(job_id)
     logs = sorted(Path(job.paths.folder).glob(f"{job_id}_*_log.err"))
-    cause = last_error_line(str(error), [p.read_text(errors="replace") for p in logs if p.is_file()], state)
+    cause = launcher.cause(str(error), [p.read_text(errors="replace") for p in logs if p.is_file()], state)
     where = logs[0] if logs else Path(job.paths.folder)
     retryable = state in RETRYABLE
     message = f"{label}: {launcher.job_kind} {job_id} {state}: {cause}; log {where}"
@@ -181,29 +180,13 @@ def _failure(run_dir: Path, label: str, launcher, job, error: Exception) -> JobE
     return JobError(message, state, retryable, job_id)
 
 
-def last_error_line(error_text: str, logs: list[str], state: str) -> str:
-    """The line that says why: the exception the job raised (from submitit's error, else from the
-    logs), or for a cancelled or killed job SLURM's own line ("*** JOB 12 ON n1 CANCELLED AT ...")."""
-    def exception(text: str) -> str | None:
-        for line in reversed(text.splitlines()):
-            m = _EXCEPTION.match(line.strip())
-            if m and m.group(1) not in ("UncompletedJobError", "FailedJobError"):
-                return f"{m.group(1)}: {m.group(2)}" if m.group(2) else m.group(1)
-        return None
-
-    def stepd() -> str | None:
-        for text in logs:
-            for line in reversed(text.splitlines()):
-                m = _STEPD.search(line)
-                if m:
-                    return m.group(1).strip(" *")
-        return None
-
-    if state in ("CANCELLED", "OUT_OF_MEMORY", "TIMEOUT", "NODE_FAIL", "PREEMPTED"):
-        found = stepd() or exception(error_text) or next(filter(None, map(exception, logs)), None)
-    else:
-        found = exception(error_text) or next(filter(None, map(exception, logs)), None) or stepd()
-    return found or {"CANCELLED": "cancelled before it started"}.get(state, "no error line in the job's log")
+def exception_line(text: str) -> str | None:
+    """The last exception a Python traceback in ``text`` names, as "SomeError: message"."""
+    for line in reversed(text.splitlines()):
+        m = _EXCEPTION.match(line.strip())
+        if m and m.group(1) not in ("UncompletedJobError", "FailedJobError"):
+            return f"{m.group(1)}: {m.group(2)}" if m.group(2) else m.group(1)
+    return None
 
 
 # --- cancelling -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import getpass
 import hashlib
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ POLL_S = float(os.environ.get("IMGCLF_SLURM_POLL_S", "30"))  # the shared sacct 
 SUBMITIT_EXECUTOR = "slurm"  # what submitit sets in its SLURM tasks' SUBMITIT_EXECUTOR
 
 # sacct states of a job that may still run; anything else has ended.
+_STEPD = re.compile(r"slurmstepd(?:-[\w.-]+)?: error: (.*)$")  # "slurmstepd-<host>: error: ..." on newer SLURMs
+# States in which SLURM's own line (the step daemon's) says more than the job's last exception.
+_KILLED = frozenset({"CANCELLED", "OUT_OF_MEMORY", "TIMEOUT", "NODE_FAIL", "PREEMPTED"})
 ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                     "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "UNKNOWN"})
 
@@ -171,6 +175,25 @@ class SlurmLauncher(SubmititLauncher):
             if isinstance(result, dict):
                 return result
         raise JobEnded(f"SLURM job {job_id} ended ({state}) without writing {done.name}")
+
+    def cause(self, error_text: str, logs: list[str], state: str) -> str:
+        """The job's exception, or for a cancelled or killed job SLURM's own line
+        ("*** JOB 12 ON n1 CANCELLED AT ...")."""
+        from imgclf.launch.jobs import exception_line
+
+        def stepd() -> str | None:
+            for text in logs:
+                for line in reversed(text.splitlines()):
+                    m = _STEPD.search(line)
+                    if m:
+                        return m.group(1).strip(" *")
+            return None
+
+        def raised() -> str | None:
+            return exception_line(error_text) or next(filter(None, map(exception_line, logs)), None)
+
+        found = (stepd() or raised()) if state in _KILLED else (raised() or stepd())
+        return found or {"CANCELLED": "cancelled before it started"}.get(state, "no error line in the job's log")
 
     def final_state(self, job_id: str) -> str:
         state = slurm_states([job_id], fresh=True)[job_id]
