@@ -888,9 +888,11 @@ def to_yaml(cfg: Config) -> str:
 
 
 def dump(cfg: Config, path: str | Path) -> None:
-    from imgclf.utils import atomic_write_text
+    """The resolved config as UTF-8 YAML; paths as the characters they name (see utils.text_form),
+    so that config.yaml reads back whatever the locale."""
+    from imgclf.utils import atomic_write_text, text_form
 
-    atomic_write_text(path, to_yaml(cfg))
+    atomic_write_text(path, yaml.safe_dump(text_form(cfg.to_dict()), sort_keys=False))
 
 
 def diff(cfg: Config, base: Config | None = None) -> dict[str, Any]:
