@@ -57,7 +57,8 @@ def prepare(cfg: C.Config, run_dir: str | Path, *, resume: bool) -> Path:
     """Write the resolved config into ``run_dir`` (atomically). An existing run directory
     must hold the same config and seed; without ``resume`` it must not hold a checkpoint.
     A folder that never reached its first checkpoint holds no run: its config is replaced, so a
-    corrected command works after a refused or crashed one."""
+    corrected command works after a refused or crashed one. A folder holding anything imgclf does
+    not write is refused (see :func:`foreign_files`)."""
     run_dir = Path(run_dir)
     check_target(cfg, run_dir, resume=resume)
     cfg.train.output_dir = str(run_dir)
@@ -98,7 +99,8 @@ def foreign_files(run_dir: str | Path) -> list[str]:
 
 
 def _names(names: list[str], n: int = 4) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+    """A few names (each cut to 60 characters), and how many more."""
+    return ", ".join(name[:60] for name in names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _check_own(run_dir: Path) -> None:
@@ -123,7 +125,9 @@ def _check_own(run_dir: Path) -> None:
         return  # check_target compares its config with this one
     try:
         data = _read_run_yaml(path)
-        C.from_dict(data if isinstance(data, dict) else {"": data})
+        if not isinstance(data, dict):
+            raise C.ConfigError("not a mapping of config keys")
+        C.from_dict(data)
     except (C.ConfigError, InputError) as e:
         why = " ".join(str(e).removeprefix(f"{path}: ").removeprefix(str(path)).split())[:200]
         raise C.ConfigError(f"{path}: not a run's resolved config ({why}); choose an empty or new "

@@ -420,7 +420,7 @@ def test_paths_held_as_surrogate_escapes_round_trip_through_text_files(tmp_path,
 
 
 # Calls that open a text file: each must say encoding= (or open in binary mode).
-_TEXT_CALLS = {"open", "read_text", "write_text", "NamedTemporaryFile", "TemporaryFile", "fdopen", "SpooledTemporaryFile"}
+_TEXT_CALLS = {"open", "read_text", "write_text", "NamedTemporaryFile", "TemporaryFile", "SpooledTemporaryFile"}
 
 
 def _binary_mode(call: ast.Call) -> bool:
@@ -449,7 +449,7 @@ def test_every_text_file_is_opened_as_utf8():
                 continue
             if name in ("read_text", "write_text") and not isinstance(func, ast.Attribute):
                 continue  # imgclf.utils.read_text: bytes decoded as UTF-8
-            if name == "fdopen" or _binary_mode(node) or any(k.arg == "encoding" for k in node.keywords):
+            if _binary_mode(node) or any(k.arg == "encoding" for k in node.keywords):
                 continue
             bad.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert bad == []

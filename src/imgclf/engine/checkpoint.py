@@ -100,9 +100,9 @@ def _kind(value: Any) -> str:
 def check_fits(state: Any, like: dict[str, Any], params: list[torch.Tensor], run_dir: str | Path) -> None:
     """A loaded checkpoint against the state this run saves (``like``, the trainer's own
     ``state_dict()``, and ``params``, its optimizer's parameters in order): every entry there, the
-    model's tensors by name and shape, the optimizer's parameter groups and per-parameter buffers. Raises :class:`CheckpointError` naming the file,
-    what is missing or mis-shaped, and the way out, instead of a KeyError or load_state_dict's
-    many-line report."""
+    model's tensors by name and shape, the optimizer's parameter groups and per-parameter buffers.
+    Raises :class:`CheckpointError` naming the file, what is missing or mis-shaped, and the way
+    out, instead of a KeyError or load_state_dict's many-line report."""
     run_dir = Path(run_dir)
     path = run_dir / LATEST if (run_dir / LATEST).is_file() else run_dir / PREVIOUS
 

@@ -310,7 +310,8 @@ def _failure(run_dir: Path, label: str, launcher: str, job, error: Exception) ->
         if state in ACTIVE or state == "COMPLETED":  # e.g. rank 0 raised while another rank ends
             state = "FAILED"
     logs = sorted(Path(job.paths.folder).glob(f"{job_id}_*_log.err"))
-    cause = last_error_line(str(error), [p.read_text(encoding="utf-8", errors="replace") for p in logs if p.is_file()], state)
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in logs if p.is_file()]
+    cause = last_error_line(str(error), texts, state)
     where = logs[0] if logs else Path(job.paths.folder)
     kind = "SLURM job" if launcher == "slurm" else "local job"
     retryable = state in RETRYABLE
