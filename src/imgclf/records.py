@@ -23,6 +23,10 @@ class RecordError(InputError):
     """A corrupt result.json/eval.json; ``str()`` is one line naming the file and what is wrong."""
 
 
+class ForeignRecord(RecordError):
+    """A well-formed record of another config (its ``config_hash``): not this run's result."""
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(name)
 
@@ -41,7 +45,7 @@ def _number(data: dict[str, Any], key: str, *, low: float = 0.0, high: float = m
     return None
 
 
-def _problem(data: dict[str, Any], expect_hash: str | None) -> str | None:
+def _problem(data: dict[str, Any]) -> str | None:
     diverged = data.get("diverged", False)
     if not isinstance(diverged, bool):
         return f"'diverged' is {clip(diverged)}, expected true or false"
@@ -57,9 +61,6 @@ def _problem(data: dict[str, Any], expect_hash: str | None) -> str | None:
         value = data.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
             return f"'{key}' is {clip(value)}, expected {name}"
-    recorded = data.get("config_hash")
-    if expect_hash is not None and recorded is not None and recorded != expect_hash:
-        return f"records config hash {clip(recorded)}, not this run's {expect_hash} (another config's result)"
     return None
 
 
@@ -80,9 +81,13 @@ def read(path: str | Path, expect_hash: str | None = None) -> dict[str, Any]:
         raise RecordError(f"{path}: JSON nested too deeply, expected a run record") from None
     if not isinstance(data, dict):
         raise RecordError(f"{path}: holds a JSON {type(data).__name__}, expected a run record (a JSON object)")
-    why = _problem(data, expect_hash)
+    why = _problem(data)
     if why:
         raise RecordError(f"{path}: corrupt run record: {why}")
+    recorded = data.get("config_hash")
+    if expect_hash is not None and recorded is not None and recorded != expect_hash:
+        raise ForeignRecord(f"{path}: records config hash {clip(recorded)}, not this run's {expect_hash} "
+                            "(another config's result)")
     return data
 
 
@@ -96,27 +101,28 @@ def read_seed(run_dir: str | Path, expect_hash: str | None = None) -> dict[str, 
     return {**read(run_dir / EVAL, expect_hash), "config_hash": (result or {}).get("config_hash")}
 
 
-def corrupt(run_dir: str | Path, expect_hash: str | None = None) -> list[tuple[Path, str]]:
+def corrupt(run_dir: str | Path) -> list[tuple[Path, str]]:
     """The seed's records that are corrupt, each with its one-line reason."""
     out = []
     for name in (RESULT, EVAL):
         path = Path(run_dir) / name
         if path.is_file():
             try:
-                read(path, expect_hash)
+                read(path)
             except (RecordError, OSError) as e:
                 out.append((path, str(e)))
     return out
 
 
-def set_aside(run_dir: str | Path, expect_hash: str | None = None) -> list[str]:
+def set_aside(run_dir: str | Path) -> list[str]:
     """Rename the seed's corrupt records to ``<name>.corrupt`` so that the workflow trains the seed
     again (the job resumes from its last checkpoint); a corrupt result.json takes the eval.json
-    scored from it along. Returns one line per record set aside. A record of another config is
-    left in place: the training job then refuses the folder, naming both configs."""
+    scored from it along. Returns one line per record set aside. A well-formed record of another
+    config is left in place (it is someone's result): the table and status never show it as this
+    run's, and say which file it is."""
     run_dir = Path(run_dir)
     lines = []
-    bad = [(p, why) for p, why in corrupt(run_dir, expect_hash) if "another config's result" not in why]
+    bad = corrupt(run_dir)
     names = {p.name for p, _ in bad}
     if RESULT in names and (run_dir / EVAL).is_file() and EVAL not in names:
         bad.append((run_dir / EVAL, f"{run_dir / EVAL}: scored from a corrupt {RESULT}"))

@@ -51,8 +51,10 @@ def table_status(spec_path: str | Path, runs_dir: str | Path = "results/runs",
             score = run_records.read_seed(run_dir, run_hash) if (run_dir / run_records.EVAL).is_file() else None
             if score is None and (run_dir / run_records.RESULT).is_file():
                 run_records.read(run_dir / run_records.RESULT, run_hash)
+        except run_records.ForeignRecord as e:
+            corrupt = f"{e}; move the seed folder away to train it again"
         except (run_records.RecordError, OSError) as e:
-            corrupt = str(e)
+            corrupt = f"{e}; the workflow trains it again"
         holder = None if score is not None else jobs.lock_holder(run_dir)
         if score is not None:
             detail = "diverged" if score.get("diverged") else f"test error {score['test_error']:.2f}%"
@@ -70,7 +72,7 @@ def table_status(spec_path: str | Path, runs_dir: str | Path = "results/runs",
         elif record.get("failure"):
             out.append(SeedStatus(row.id, seed, run_dir, "failed", record["failure"]["message"]))
         elif corrupt:
-            out.append(SeedStatus(row.id, seed, run_dir, "corrupt", f"{corrupt}; the workflow trains it again"))
+            out.append(SeedStatus(row.id, seed, run_dir, "corrupt", corrupt))
         elif (run_dir / "checkpoint.pt").is_file() or (run_dir / "result.json").is_file():
             out.append(SeedStatus(row.id, seed, run_dir, "stopped",
                                   f"epoch {_epochs_done(run_dir)}/{epochs}; the next run resumes it"))

@@ -146,7 +146,8 @@ def test_a_seed_holding_another_configs_result_is_not_this_rows(tmp_path):
     with pytest.raises(FileNotFoundError, match="another config"):
         report.aggregate(table, tmp_path / "runs")
     seeds = status.table_status(tmp_path / "t.yaml", tmp_path / "runs", RECIPES)
-    assert seeds[1].status == "corrupt" and "deadbeef" in seeds[1].detail
+    assert seeds[1].status == "corrupt" and "deadbeef" in seeds[1].detail and "move the seed folder" in seeds[1].detail
+    assert records.set_aside(seed1) == [] and (seed1 / "result.json").is_file()  # someone's result: kept
     # Its own hash is this row's: shown.
     (seed1 / "result.json").write_text(json.dumps({"test_error": 9.0, "config_hash": rid.rsplit("-", 1)[1]}))
     rec = report.frame_records(report.aggregate(table, tmp_path / "runs"))[0]

@@ -150,7 +150,7 @@ def set_aside_corrupt_records(table):
     for row in PLAN.tables[table].rows:
         for seed in row.seeds if row.run_id else ():
             seed_dir = RUNS_DIR / row.run_id / f"seed{seed}"
-            for line in imgclf_records.set_aside(seed_dir, row.run_id.rsplit("-", 1)[-1]):
+            for line in imgclf_records.set_aside(seed_dir):
                 print(line, file=sys.stderr)
 
 
