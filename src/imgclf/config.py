@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from imgclf.utils import InputError, clip, parse_yaml, read_yaml
+from imgclf.utils import InputError, clip, os_form, parse_yaml, read_yaml, text_form
 
 
 class ConfigError(ValueError):
@@ -569,7 +569,9 @@ def parse_scalar(text: str) -> Any:
         raise ConfigError(f"override value {clip(text)}: {len(text):,} characters, more than any config value "
                           f"needs (at most {MAX_OVERRIDE_CHARS:,})")
     try:
-        return parse_yaml(text, "override value")
+        # argv under a non-UTF-8 locale holds a path's bytes as surrogate escapes, which YAML refuses:
+        # parsed as the characters they name, then held as argv would hold them (utils.text_form).
+        return os_form(parse_yaml(text_form(text), "override value"))
     except InputError as e:
         if "alias" in str(e):
             raise ConfigError(f"override value {clip(text)}: {str(e).split(': ', 1)[1]}") from None

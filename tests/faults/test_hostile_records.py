@@ -397,6 +397,19 @@ def test_a_non_ascii_run_directory_under_the_c_locale_trains_resumes_and_evaluat
     assert runs.load_run_config(out).train.output_dir == str(out)  # and in a UTF-8 process too
 
 
+def test_a_non_ascii_data_root_under_the_c_locale_is_kept_and_read_back(tmp_path):
+    root = tmp_path / "données"
+    argv = ["train", "--config", str(DIGITS), "--quiet",
+            *(str(x) for kv in {**TINY, "scheduler.epochs": 1, "data_root": str(root)}.items() for x in kv)]
+    done = _c_run(tmp_path, *argv)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    (run,) = (tmp_path / "results" / "runs").glob("*/seed0")
+    assert yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["data_root"] == str(root)
+    assert runs.load_run_config(run).data_root == str(root)
+    scored = _c_run(tmp_path, "evaluate", "--run", str(run.relative_to(tmp_path)))
+    assert scored.returncode == 0, scored.stderr.decode(errors="replace")
+
+
 def test_table_and_status_print_under_the_c_locale(tmp_path):
     spec = _spec(tmp_path, [{**ROW, "label": "Réseau résiduel"}])
     table = S.load(spec, RECIPES)
