@@ -275,7 +275,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _utf8_output() -> None:
+    """Print UTF-8 whatever the locale (under LC_ALL=C Python's own choice is ASCII, and the first
+    label with an 'é', or the table's 'Δ' column, would end the command with a traceback)."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors="surrogateescape")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _utf8_output()
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from imgclf.utils import InputError, clip, parse_yaml, read_yaml
+from imgclf.utils import InputError, clip, os_form, parse_yaml, read_yaml, text_form
 
 
 class ConfigError(ValueError):
@@ -569,7 +569,9 @@ def parse_scalar(text: str) -> Any:
         raise ConfigError(f"override value {clip(text)}: {len(text):,} characters, more than any config value "
                           f"needs (at most {MAX_OVERRIDE_CHARS:,})")
     try:
-        return parse_yaml(text, "override value")
+        # argv under a non-UTF-8 locale holds a path's bytes as surrogate escapes, which YAML refuses:
+        # parsed as the characters they name, then held as argv would hold them (utils.text_form).
+        return os_form(parse_yaml(text_form(text), "override value"))
     except InputError as e:
         if "alias" in str(e):
             raise ConfigError(f"override value {clip(text)}: {str(e).split(': ', 1)[1]}") from None
@@ -888,9 +890,11 @@ def to_yaml(cfg: Config) -> str:
 
 
 def dump(cfg: Config, path: str | Path) -> None:
-    from imgclf.utils import atomic_write_text
+    """The resolved config as UTF-8 YAML; paths as the characters they name (see utils.text_form),
+    so that config.yaml reads back whatever the locale."""
+    from imgclf.utils import atomic_write_text, text_form
 
-    atomic_write_text(path, to_yaml(cfg))
+    atomic_write_text(path, yaml.safe_dump(text_form(cfg.to_dict()), sort_keys=False))
 
 
 def diff(cfg: Config, base: Config | None = None) -> dict[str, Any]:

@@ -9,11 +9,18 @@ import re
 from pathlib import Path
 
 from imgclf import config as C
-from imgclf.utils import InputError, read_yaml
+from imgclf.utils import InputError, os_form, read_yaml
 
 # What makes a folder a run: a checkpoint or a finished result. A folder holding only its
 # config.yaml (a run refused or killed before its first checkpoint) is not one yet.
 RUN_STATE = ("checkpoint.pt", "checkpoint.prev.pt", "model.pt", "result.json", "eval.json")
+# Everything else imgclf writes into a run directory: the config, the log, the checkpoints' sidecars,
+# the job record and lock, submitit's folder, records set aside as corrupt. A folder holding any
+# other name holds someone else's files, and training into it would overwrite them.
+OWN_FILES = frozenset({*RUN_STATE, "config.yaml", "env.json", "train_log.csv", "checkpoint.json",
+                       "checkpoint.prev.json", "diverged.json", "job.json", ".lock", "submitit",
+                       "result.json.corrupt", "eval.json.corrupt"})
+_TEMP_FILE = re.compile(r"\.(.+)\.[A-Za-z0-9_]+\.tmp")  # an atomic write's temp file (utils.atomic_write_bytes)
 
 
 def run_id(cfg: C.Config) -> str:
@@ -29,10 +36,8 @@ def load_run_config(run_dir: str | Path) -> C.Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; a run directory starts with its resolved config.yaml")
-    from imgclf.utils import InputError, read_yaml
-
     try:
-        data = read_yaml(path, "the run's resolved config") or {}
+        data = _read_run_yaml(path)
     except InputError as e:
         raise C.ConfigError(f"{e}; remove the run directory") from None
     if not isinstance(data, dict):
@@ -43,11 +48,17 @@ def load_run_config(run_dir: str | Path) -> C.Config:
         raise C.ConfigError(f"{path}: {e}") from None
 
 
+def _read_run_yaml(path: Path):
+    """A run's config.yaml (UTF-8), its paths usable by this process whatever its locale."""
+    return os_form(read_yaml(path, "the run's resolved config") or {})
+
+
 def prepare(cfg: C.Config, run_dir: str | Path, *, resume: bool) -> Path:
     """Write the resolved config into ``run_dir`` (atomically). An existing run directory
     must hold the same config and seed; without ``resume`` it must not hold a checkpoint.
     A folder that never reached its first checkpoint holds no run: its config is replaced, so a
-    corrected command works after a refused or crashed one."""
+    corrected command works after a refused or crashed one. A folder holding anything imgclf does
+    not write is refused (see :func:`foreign_files`)."""
     run_dir = Path(run_dir)
     check_target(cfg, run_dir, resume=resume)
     cfg.train.output_dir = str(run_dir)
@@ -59,9 +70,10 @@ def check_target(cfg: C.Config, run_dir: str | Path, *, resume: bool) -> None:
     """What :func:`prepare` refuses, without writing anything."""
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
+    _check_own(run_dir)
     if path.is_file() and has_run(run_dir):
         try:
-            data = read_yaml(path, "the run's resolved config") or {}
+            data = _read_run_yaml(path)
             if not isinstance(data, dict):
                 raise C.ConfigError("not a mapping of config keys")
             old = C.from_dict(data)
@@ -75,6 +87,51 @@ def check_target(cfg: C.Config, run_dir: str | Path, *, resume: bool) -> None:
         if not resume:
             raise C.ConfigError(f"{run_dir}: already holds a run; pass --resume to continue it or choose "
                                 "another --output-dir")
+
+
+def foreign_files(run_dir: str | Path) -> list[str]:
+    """The names in ``run_dir`` that imgclf never writes there, sorted."""
+    def own(name: str) -> bool:
+        temp = _TEMP_FILE.fullmatch(name)
+        return name in OWN_FILES or (temp is not None and temp.group(1) in OWN_FILES)
+
+    return sorted(p.name for p in Path(run_dir).iterdir() if not own(p.name))
+
+
+def _names(names: list[str], n: int = 4) -> str:
+    """A few names (each cut to 60 characters), and how many more."""
+    return ", ".join(name[:60] for name in names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _check_own(run_dir: Path) -> None:
+    """An output folder is new, empty, or a run directory: a folder of someone else's files (a
+    model.pt without our config.yaml, the project's config/) is refused before anything is written."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise C.ConfigError(f"{run_dir}: exists and is not a folder; choose another --output-dir")
+    if not run_dir.is_dir():
+        return
+    foreign = foreign_files(run_dir)
+    if foreign:
+        raise C.ConfigError(f"{run_dir}: not empty and not a run directory (holds {_names(foreign)}); "
+                            "choose an empty or new --output-dir")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        state = sorted(p.name for p in run_dir.iterdir() if p.name in RUN_STATE)
+        if state:
+            raise C.ConfigError(f"{run_dir}: holds {_names(state)} but no config.yaml, so no run imgclf can "
+                                "continue; choose an empty or new --output-dir")
+        return
+    if has_run(run_dir):
+        return  # check_target compares its config with this one
+    try:
+        data = _read_run_yaml(path)
+        if not isinstance(data, dict):
+            raise C.ConfigError("not a mapping of config keys")
+        C.from_dict(data)
+    except (C.ConfigError, InputError) as e:
+        why = " ".join(str(e).removeprefix(f"{path}: ").removeprefix(str(path)).split())[:200]
+        raise C.ConfigError(f"{path}: not a run's resolved config ({why}); choose an empty or new "
+                            "--output-dir, or remove the file") from None
 
 
 def has_run(run_dir: str | Path) -> bool:

@@ -1,9 +1,11 @@
 """Small shared helpers: atomic file writes, JSON I/O."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,75 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+    """UTF-8 whatever the locale; a path Python holds with surrogate escapes (see :func:`text_form`)
+    is written as its own bytes."""
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
+
+
+def text_form(value: Any) -> Any:
+    """Strings (in dicts and lists too) as the characters they name. Under a non-UTF-8 locale
+    (LC_ALL=C with UTF-8 mode off) Python holds a path's UTF-8 bytes from argv or the environment as
+    surrogate escapes ('\\udcc3\\udca9' for 'é'), which YAML and JSON would write as escapes no
+    reader accepts. The inverse of :func:`os_form`."""
+    if isinstance(value, str):
+        try:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8")
+        except UnicodeError:  # bytes that are no UTF-8 at all: left as Python holds them
+            return value
+    if isinstance(value, dict):
+        return {k: text_form(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [text_form(v) for v in value]
+    return value
+
+
+def os_form(value: Any) -> Any:
+    """Strings as this process's file-system calls need them (identity under a UTF-8 locale): what
+    a text file read back holds, made usable as a path again. The inverse of :func:`text_form`."""
+    if isinstance(value, str):
+        try:
+            return os.fsdecode(value.encode("utf-8", "surrogateescape"))
+        except UnicodeError:
+            return value
+    if isinstance(value, dict):
+        return {k: os_form(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [os_form(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (waiting for another holder) and leave nothing
+    behind: the lock file, and the folders made for it, are removed on release. A waiter that wakes
+    on a file its holder has just removed takes the lock again on the current one."""
+    import fcntl
+
+    path = Path(lock_path)
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # its folder was removed by a holder's release in between
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        for d in made:  # innermost first; a folder that now holds something stays
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        os.close(fd)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -43,7 +113,7 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------- hostile input

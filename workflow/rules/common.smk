@@ -8,6 +8,8 @@ import yaml
 from snakemake.utils import validate
 
 from imgclf import launch as imgclf_launch
+from imgclf import records as imgclf_records
+from imgclf.launch import jobs as imgclf_jobs
 from imgclf.launch.resources import ResourceError
 from imgclf.tables import plan as imgclf_plan
 from imgclf.tables.spec import SpecError
@@ -30,7 +32,7 @@ def typed(value, schema):
 
 
 CONFIG_SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
-config.update(typed(dict(config), yaml.safe_load(Path(CONFIG_SCHEMA).read_text())))
+config.update(typed(dict(config), yaml.safe_load(Path(CONFIG_SCHEMA).read_text(encoding="utf-8"))))
 validate(config, "../schemas/config.schema.yaml")
 # The launcher registry, not the schema, knows the launchers (a module may register more).
 try:
@@ -140,7 +142,7 @@ def print_failures():
     failed = []
     for log_file in sorted(Path("logs/train").glob("*/seed*.log")):
         if log_file.stat().st_mtime >= STARTED:
-            first = log_file.read_text().partition("\n")[0]
+            first = log_file.read_text(encoding="utf-8", errors="replace").partition("\n")[0]
             if first and " test error " not in first and ": diverged: " not in first:
                 failed.append(first)
     if failed:
@@ -148,7 +150,19 @@ def print_failures():
               file=sys.stderr)
 
 
+def set_aside_corrupt_records(table):
+    """A corrupt result.json or eval.json (NaN, a missing key, garbage) is renamed to *.corrupt
+    before Snakemake looks at the seed's files: its record missing, the seed's train job runs again
+    (resuming from its last checkpoint). Said on one line per file."""
+    for row in PLAN.tables[table].rows:
+        for seed in row.seeds if row.run_id else ():
+            seed_dir = RUNS_DIR / row.run_id / f"seed{seed}"
+            for line in imgclf_records.set_aside(seed_dir):
+                print(line, file=sys.stderr)
+
+
 def get_table_seeds(wildcards):
     if wildcards.table not in PLAN.tables:
         raise WorkflowError(f"no table spec config/tables/{wildcards.table}.yaml")
+    set_aside_corrupt_records(wildcards.table)
     return PLAN.seed_files(wildcards.table, RUNS_DIR)

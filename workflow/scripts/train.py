@@ -12,7 +12,7 @@ from imgclf.pipeline import train_seed  # noqa: E402
 
 run_dir = Path(snakemake.output[0]).parent
 job = snakemake.params.job
-with open(snakemake.log[0], "w") as log:
+with open(snakemake.log[0], "w", encoding="utf-8", errors="surrogateescape") as log:
     try:
         result = train_seed(run_dir, job["config"], int(snakemake.wildcards.seed), launcher=job["launcher"],
                             resources=job["resources"], data_root=job["data_root"], progress=job["progress"],

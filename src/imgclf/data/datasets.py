@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from imgclf.utils import exclusive
+
 from . import readers
 from .readers import DataError
 
@@ -210,7 +212,13 @@ def prepare(name: str, root: str | Path, source: str | Path | None = None, downl
     folder) into ``<root>/<dataset>/`` if given, or download the official release when
     ``download`` and the folder is missing; then read, verify and cache the dataset."""
     name = canonical_name(name)
-    target = Path(root) / DATASETS[name].folder
+    # Two preparations of one dataset at once would read each other's half-copied files: the
+    # second waits for the first, then finds the folder (and the cache) ready.
+    with exclusive(cache_path(name).with_name(f".{cache_path(name).stem}.prepare.lock")):
+        return _prepare(name, Path(root) / DATASETS[name].folder, root, source, download)
+
+
+def _prepare(name: str, target: Path, root: str | Path, source: str | Path | None, download: bool) -> Data:
     if source is None and download and DATASETS[name].folder and not target.is_dir():
         fetch(name, target)
     if source is None:

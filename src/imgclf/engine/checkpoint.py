@@ -54,7 +54,7 @@ def _verify(path: Path) -> bool:
     if not path.is_file() or not side.is_file():
         return False
     try:
-        meta = json.loads(side.read_text())
+        meta = json.loads(side.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     if path.stat().st_size != meta.get("bytes"):
@@ -86,3 +86,59 @@ def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu") -
         log.warning("%s: size/hash does not match %s (truncated or corrupted); ignoring it", path,
                     _sidecar(path).name)
     return None
+
+
+# --------------------------------------------------------------------------- load-side validation
+class CheckpointError(ValueError):
+    """A checkpoint that verifies but does not fit this run; ``str()`` is one line with the way out."""
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def check_fits(state: Any, like: dict[str, Any], params: list[torch.Tensor], run_dir: str | Path) -> None:
+    """A loaded checkpoint against the state this run saves (``like``, the trainer's own
+    ``state_dict()``, and ``params``, its optimizer's parameters in order): every entry there, the
+    model's tensors by name and shape, the optimizer's parameter groups and per-parameter buffers.
+    Raises :class:`CheckpointError` naming the file, what is missing or mis-shaped, and the way
+    out, instead of a KeyError or load_state_dict's many-line report."""
+    run_dir = Path(run_dir)
+    path = run_dir / LATEST if (run_dir / LATEST).is_file() else run_dir / PREVIOUS
+
+    def unfit(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: does not fit this run ({what}); remove {LATEST} and {PREVIOUS} to train "
+                               "from the start, or start without --resume in a new --output-dir")
+
+    if not isinstance(state, dict):
+        raise unfit(f"holds a {_kind(state)}, expected a checkpoint dict")
+    missing = [k for k in like if k not in state]
+    if missing:
+        raise unfit(f"no {', '.join(repr(k) for k in missing[:4])} state")
+    for key, ours in like.items():
+        if isinstance(ours, dict) and not isinstance(state[key], dict):
+            raise unfit(f"'{key}' is a {_kind(state[key])}, expected a dict")
+    model, mine = state["model"], like["model"]
+    absent = [k for k in mine if k not in model]
+    extra = [k for k in model if k not in mine]
+    if absent or extra:
+        names = ", ".join(absent[:3]) if absent else ", ".join(extra[:3])
+        raise unfit(f"model tensor(s) {'missing' if absent else 'unexpected'}: {names}"
+                    + (f" and {len(absent or extra) - 3} more" if len(absent or extra) > 3 else ""))
+    for name, tensor in mine.items():
+        theirs = model[name]
+        if not isinstance(theirs, torch.Tensor) or theirs.shape != tensor.shape:
+            got = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else _kind(theirs)
+            raise unfit(f"model tensor {name} is {got}, expected {tuple(tensor.shape)}")
+    opt, my_opt = state["optimizer"], like["optimizer"]
+    groups, my_groups = opt.get("param_groups"), my_opt["param_groups"]
+    if not isinstance(groups, list) or not isinstance(opt.get("state"), dict) or \
+            [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups] != \
+            [len(g["params"]) for g in my_groups]:
+        raise unfit("its optimizer's parameter groups differ from this model's")
+    shapes = dict(zip((i for g in my_groups for i in g["params"]), (p.shape for p in params)))
+    for index, buffers in opt["state"].items():
+        for key, value in (buffers.items() if isinstance(buffers, dict) else ()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and index in shapes and value.shape != shapes[index]:
+                raise unfit(f"optimizer buffer {key} of parameter {index} is {tuple(value.shape)}, "
+                            f"expected {tuple(shapes[index])}")

@@ -219,6 +219,8 @@ class Trainer:
         if state.get("config_hash") != C.config_hash(self.cfg) or state.get("seed") != self.cfg.train.seed:
             raise ValueError(f"{self.run_dir}: checkpoint belongs to a different config or seed; "
                              "use a fresh output directory")
+        ckpt.check_fits(state, self.state_dict(), [p for g in self.optimizer.param_groups for p in g["params"]],
+                        self.run_dir)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -86,9 +86,42 @@ class RunLock:
             self._fd = None
 
 
+def lock_holder(run_dir: str | Path) -> str | None:
+    """Who owns the run directory now ("pid N on HOST since T"), or None. Looks only: the kernel's
+    table of flock locks (/proc/locks) where there is one, so a look never holds the lock for an
+    instant in which a starting job would find it taken; elsewhere a non-blocking shared flock."""
+    path = Path(run_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        held = _flock_listed(os.fstat(fd))
+        if held is None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                held = False
+            except BlockingIOError:
+                held = True
+        return (os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process") if held else None
+    finally:
+        os.close(fd)
+
+
+def _flock_listed(st: os.stat_result) -> bool | None:
+    """Whether /proc/locks lists a flock on this file (None: no such table here)."""
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            return any(line.split()[1:2] == ["FLOCK"] and key in line.split() for line in f)
+    except OSError:
+        return None
+
+
 def read_record(run_dir: str | Path) -> dict[str, Any] | None:
     try:
-        data = json.loads((Path(run_dir) / RECORD).read_text())
+        data = json.loads((Path(run_dir) / RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -171,7 +204,8 @@ def _failure(run_dir: Path, label: str, launcher, job, error: Exception) -> JobE
     job_id = str(job.job_id)
     state = launcher.final_state(job_id)
     logs = sorted(Path(job.paths.folder).glob(f"{job_id}_*_log.err"))
-    cause = launcher.cause(str(error), [p.read_text(errors="replace") for p in logs if p.is_file()], state)
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in logs if p.is_file()]
+    cause = launcher.cause(str(error), texts, state)
     where = logs[0] if logs else Path(job.paths.folder)
     retryable = state in RETRYABLE
     message = f"{label}: {launcher.job_kind} {job_id} {state}: {cause}; log {where}"

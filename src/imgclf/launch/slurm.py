@@ -79,10 +79,10 @@ def slurm_states(job_ids: list[str], fresh: bool = False) -> dict[str, str]:
         return {j: states.get(j, "UNKNOWN") for j in job_ids}
     path = _cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    with open(path.with_suffix(".lock"), "w", encoding="utf-8") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one refresh at a time; the others read its result
         try:
-            cached = json.loads(path.read_text())
+            cached = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             cached = {"time": 0.0, "states": {}}
         if time.time() - cached["time"] >= POLL_S:
@@ -171,7 +171,7 @@ class SlurmLauncher(SubmititLauncher):
                 break
             time.sleep(1)
         if done.is_file() and (run_dir / "result.json").is_file():
-            result = json.loads((run_dir / "result.json").read_text())
+            result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
             if isinstance(result, dict):
                 return result
         raise JobEnded(f"SLURM job {job_id} ended ({state}) without writing {done.name}")

@@ -93,7 +93,7 @@ class Plan:
         cache = Path(cache)
         key = _cache_key(Path(tables_dir), Path(recipes_dir), defaults)
         try:
-            data = json.loads(cache.read_text())
+            data = json.loads(cache.read_text(encoding="utf-8"))
             if data.get("key") == key:
                 return cls._from_json(data)
         except Exception:  # noqa: BLE001 - missing, stale or unreadable: resolve again
@@ -180,7 +180,7 @@ def _validator(schema: str | Path):
     import jsonschema
     import yaml
 
-    return jsonschema.Draft202012Validator(yaml.safe_load(Path(schema).read_text()))
+    return jsonschema.Draft202012Validator(yaml.safe_load(Path(schema).read_text(encoding="utf-8")))
 
 
 def _check_schema(validator, path: Path) -> None:

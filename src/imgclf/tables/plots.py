@@ -59,7 +59,7 @@ class Point:
 def read_train_log(path: str | Path) -> tuple[list[int], list[float]]:
     """(epochs, test errors) from a run's train_log.csv; NaN/inf rows (no evaluation, divergence) dropped."""
     epochs, errors = [], []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for rec in csv.DictReader(f):
             try:
                 epoch, error = int(float(rec["epoch"])), float(rec["test_error"])

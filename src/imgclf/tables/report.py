@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from imgclf.utils import InputError, atomic_write_text, read_json_object
+from imgclf import records as run_records
+from imgclf.utils import atomic_write_text
 
 from .spec import Row, Table
 
@@ -35,46 +36,46 @@ def _valid_error(error: Any) -> bool:
     return math.isnan(error) or 0.0 <= error <= 100.0
 
 
-def _read_seed(run_dir: Path) -> dict[str, Any] | None:
-    """A seed's eval.json (else result.json); a damaged file, or one holding an impossible test
-    error (-12.5 %), counts as not there: the seed is trained again, never shown."""
-    for name in ("eval.json", "result.json"):
-        path = run_dir / name
-        if path.is_file():
-            try:
-                data = read_json_object(path)
-            except (InputError, OSError):
-                continue
-            error = data.get("test_error")
-            if not (_valid_error(error) or (error is None and data.get("diverged"))):
-                continue
-            if name == "result.json":
-                data.setdefault("train_seconds", data.get("train_seconds"))
-            return data
-    diverged = run_dir / "diverged.json"
-    if diverged.is_file():
-        return {"diverged": True, "test_error": float("nan")}
-    return None
+def _read_seed(run_dir: Path, expect_hash: str | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """A seed's eval.json, checked against its result.json for this row's config, or (None, why):
+    a corrupt record (garbage, NaN, a missing key, an impossible test error, another config's
+    result) counts as not there: the seed is trained again, never shown."""
+    try:
+        data = run_records.read_seed(run_dir, expect_hash)
+    except (run_records.RecordError, OSError) as e:
+        return None, str(e)
+    if data is None and (run_dir / "diverged.json").is_file():
+        data = {"diverged": True, "test_error": float("nan")}
+    return data, None
+
+
+def row_hash(row: Row) -> str | None:
+    """The config hash a row's records must carry: the last part of its run id."""
+    return row.run_id.rsplit("-", 1)[-1] if row.run_id else None
 
 
 def aggregate(table: Table, runs_dir: str | Path = "results/runs", partial: bool = False) -> pd.DataFrame:
-    """One record per row: our statistics over the finished seeds plus the reported values."""
+    """One record per row: our statistics over the finished seeds plus the reported values. A
+    corrupt record is said on one line (stderr) and its seed counted as not done."""
     runs_dir = Path(runs_dir)
-    records, missing = [], []
+    records, missing, corrupt = [], [], []
     for row in table.rows:
         seeds = []
         if row.run_id:
             for s in row.seeds:
-                data = _read_seed(runs_dir / row.run_id / f"seed{s}")
+                data, why = _read_seed(runs_dir / row.run_id / f"seed{s}", row_hash(row))
                 if data is None:
                     missing.append(runs_dir / row.run_id / f"seed{s}" / "eval.json")
+                    corrupt += [why] if why else []
                 else:
                     seeds.append(data)
         records.append(_record(row, seeds))
     if missing and not partial:
         raise FileNotFoundError(f"{len(missing)} seed(s) of table '{table.name}' have not finished (or hold "
-                                f"an unreadable or impossible result), e.g. {missing[0]}; run the workflow, "
-                                "or pass --partial")
+                                f"an unreadable or impossible result, or another config's), e.g. "
+                                f"{corrupt[0] if corrupt else missing[0]}; run the workflow, or pass --partial")
+    for why in corrupt:
+        print(f"imgclf: {why}; the seed counts as not done", file=sys.stderr)
     # object columns keep each value as the spec wrote it (no 128 -> 128.0 for a column with gaps)
     return pd.DataFrame(records, dtype=object)
 
@@ -253,9 +254,9 @@ _TEXT_COLUMNS = ("id", "label", "run_id", "gpu", "reported_result_text", "report
 
 def read_csv(path: str | Path) -> pd.DataFrame:
     """A frame written by :func:`to_csv`, with empty cells back to None and text columns verbatim."""
-    header = pd.read_csv(path, nrows=0).columns
+    header = pd.read_csv(path, nrows=0, encoding="utf-8").columns
     text = {c: str for c in header if c in _TEXT_COLUMNS or c.startswith("cell:")}
-    frame = pd.read_csv(path, dtype=text, keep_default_na=False, na_values=[""])
+    frame = pd.read_csv(path, dtype=text, keep_default_na=False, na_values=[""], encoding="utf-8")
     return frame.astype(object).where(frame.notna(), None)
 
 
