@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from imgclf.utils import write_json
+from imgclf.utils import InputError, read_json_object, write_json
 
 RECORD = "job.json"
 LOCK = ".lock"
@@ -98,11 +98,18 @@ class RunLock:
 
 
 def read_record(run_dir: str | Path) -> dict[str, Any] | None:
+    """The seed's job record, or None. A garbage record is no record (the next launch rewrites
+    it), said once in a warning naming the file rather than dropped without a word."""
+    path = Path(run_dir) / RECORD
     try:
-        data = json.loads((Path(run_dir) / RECORD).read_text())
-    except (OSError, ValueError):
+        return read_json_object(path, "the seed's job record (a JSON object)")
+    except FileNotFoundError:
         return None
-    return data if isinstance(data, dict) else None
+    except (InputError, OSError) as e:
+        import logging
+
+        logging.getLogger(__name__).warning("%s; ignored", e)
+        return None
 
 
 def write_record(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
@@ -158,7 +165,10 @@ def slurm_states(job_ids: list[str], fresh: bool = False) -> dict[str, str]:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one refresh at a time; the others read its result
         try:
             cached = json.loads(path.read_text())
-        except (OSError, ValueError):
+            # a cache of another shape (truncated, hand-edited) is refreshed, not a KeyError
+            if not (isinstance(cached.get("time"), (int, float)) and isinstance(cached.get("states"), dict)):
+                raise ValueError(path)
+        except (OSError, ValueError, AttributeError):
             cached = {"time": 0.0, "states": {}}
         if time.time() - cached["time"] >= POLL_S:
             cached = {"time": time.time(), "states": _sacct()}
