@@ -88,6 +88,11 @@ def _preflight(cfg: C.Config) -> None:
         model = build(cfg, in_channels=c, n_classes=cfg.dataset.n_classes or _n_classes(cfg.dataset.name))
     build_optimizer(cfg, model)
     SchedulePlan.from_config(cfg.scheduler, 1)
+    import importlib.util
+
+    if cfg.train.use_tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise C.ConfigError("train.use_tensorboard: needs the tensorboard package (pip install tensorboard), "
+                            "which is not installed; install it or set train.use_tensorboard False")
 
 
 def _preflight_data(cfg: C.Config, d) -> None:

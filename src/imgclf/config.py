@@ -779,8 +779,24 @@ def validate(cfg: Config) -> None:
     if (aug.use_cutout or aug.use_dual_cutout) and aug.cutout.mask_size > size:
         raise ConfigError(f"augmentation.cutout.mask_size: {aug.cutout.mask_size} is larger than the "
                           f"{size}x{size} images of {cfg.dataset.name} (at most {size})")
+    _check_validation_set(cfg.train)
     if cfg.scheduler.type == "multistep" and sorted(cfg.scheduler.milestones) != cfg.scheduler.milestones:
         raise ConfigError(f"scheduler.milestones: must be increasing, got {cfg.scheduler.milestones}")
+
+
+def _check_validation_set(train: TrainConfig) -> None:
+    """The reference's validation-set switches, in the combinations that do something."""
+    if train.start_epoch:
+        # The reference starts its epoch loop (and LR schedule) there only to fine-tune loaded
+        # weights; here a run continues from its own checkpoint (--resume), which knows its epoch.
+        raise ConfigError(f"train.start_epoch: {train.start_epoch} is not supported (0 = from the start); "
+                          "continue a run with --resume, which restarts at its checkpoint's epoch")
+    if train.use_test_as_val and train.val_ratio:
+        raise ConfigError(f"train.val_ratio: {train.val_ratio:g} has no effect while train.use_test_as_val is "
+                          "True (the test set validates); set train.use_test_as_val False to hold out a split")
+    if not train.use_test_as_val and not train.val_ratio:
+        raise ConfigError("train.use_test_as_val: False needs train.val_ratio in (0, 1), the share of the "
+                          "training set held out to validate on")
 
 
 def _check_limits(cfg: Config) -> None:
