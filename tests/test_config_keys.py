@@ -168,3 +168,12 @@ def test_the_reference_switches_change_what_a_run_does():
             cfg.train.use_tensorboard) == (0.0, True, False, 0, False)
     other = C.build(DIGITS, {**TINY, "train.val_first": True})
     assert C.config_hash(other) != C.config_hash(cfg)  # it changes the log, so it is its own run
+
+
+def test_status_does_not_count_val_firsts_row_as_a_trained_epoch(tmp_path):
+    from imgclf.status import _epochs_done
+
+    (tmp_path / "train_log.csv").write_text("epoch,lr\n0,0.1\n1,0.1\n2,0.1\n")
+    assert _epochs_done(tmp_path) == 2
+    (tmp_path / "train_log.csv").write_text("epoch,lr\n1,0.1\n")
+    assert _epochs_done(tmp_path) == 1
