@@ -722,8 +722,8 @@ def _not_one_of(key: str, value: Any, choices: tuple[str, ...]) -> ConfigError:
     lower = {c.lower(): c for c in choices}
     close = difflib.get_close_matches(str(value).lower(), list(lower), n=1, cutoff=0.4)
     hint = f" (did you mean '{lower[close[0]]}'?)" if close else ""
-    shown = str(value) if len(str(value)) <= 40 else clip(str(value))
-    return ConfigError(f"{key}: '{shown}' is not one of {', '.join(choices)}{hint}")
+    text = shown(value) if len(str(value)) <= 40 else clip(str(value))
+    return ConfigError(f"{key}: '{text}' is not one of {', '.join(choices)}{hint}")
 
 
 def validate(cfg: Config) -> None:

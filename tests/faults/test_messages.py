@@ -198,3 +198,9 @@ def test_a_recipe_value_out_of_range_is_fixed_by_an_override(tmp_path, key, bad,
 def test_an_override_out_of_range_is_named_as_the_override():
     with pytest.raises(C.ConfigError, match=r"^override train\.seed: .* is out of range"):
         C.build(DIGITS, {"train.seed": 2**40})
+
+
+def test_control_characters_of_a_value_that_is_not_a_choice_are_escaped():
+    with pytest.raises(C.ConfigError) as e:
+        C.build(DIGITS, {"train.optimizer": "sgd\x1b[2J"})
+    assert "sgd\\x1b[2J" in str(e.value) and "\x1b" not in str(e.value)
