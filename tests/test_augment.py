@@ -307,3 +307,80 @@ def test_dual_cutout_loss_on_a_hand_made_batch():
     assert dual_cutout_loss(logits, target, 0.1).item() == pytest.approx(expected, rel=1e-6)
     assert dual_cutout_loss(logits, target, 0.0).item() == pytest.approx(expected - 0.05, rel=1e-6)
     assert torch.allclose(dual_cutout_predict(logits), torch.tensor([[0.5, 0.0]]))
+
+
+# --------------------------------------------------------------------------- non-square images, λ's law
+def coded_batch(n: int, height: int, width: int):
+    """Pixel (r, c) of sample i holds i·10000 + r·100 + c (both channels): every output pixel says
+    where it came from."""
+    code = (torch.arange(n).view(n, 1, 1) * 10000 + torch.arange(height).view(1, height, 1) * 100
+            + torch.arange(width).view(1, 1, width))
+    return code.float().unsqueeze(1).repeat(1, 2, 1, 1), one_hot(torch.arange(n), n)
+
+
+def test_cutmix_box_on_non_square_images_scales_each_side_by_its_own_length():
+    """24x40 images: the box is H·sqrt(1-λ) high and W·sqrt(1-λ) wide (so wider than high), inside
+    the image, and the targets equal the pasted pixel fractions."""
+    height, width, n = 24, 40, 8
+    x, y = coded_batch(n, height, width)
+    g = gen(21)
+    unclipped = 0
+    for _ in range(200):
+        xm, ym = cutmix(x, y, alpha=1.0, generator=g)
+        src = xm[:, 0].long() // 10000
+        assert torch.allclose(ym, F.one_hot(src.flatten(1), n).float().mean(1), atol=1e-6)
+        moved = (xm[:, 0] != x[:, 0]).any(0)
+        box = rectangle(moved)
+        if box is None:
+            continue
+        top, left, h, w = box
+        assert top + h <= height and left + w <= width
+        if 0 < top and top + h < height and 0 < left and left + w < width:  # not clipped: the drawn sides
+            unclipped += 1
+            # h = floor(24·s), w = floor(40·s) for one s = sqrt(1-λ) in [0, 1]
+            lo = max(h / height, w / width)
+            hi = min((h + 1) / height, (w + 1) / width)
+            assert lo < hi, f"box {h}x{w} is not (24·s)x(40·s) for any s"
+    assert unclipped > 20
+
+
+def test_ricap_on_non_square_images_splits_each_axis_by_its_own_length():
+    height, width, n = 24, 40, 8
+    x, y = coded_batch(n, height, width)
+    g = gen(22)
+    boundary_cols, boundary_rows = [], []
+    for _ in range(300):
+        xm, ym = ricap(x, y, beta=0.3, generator=g)
+        code = xm[:, 0].long()
+        src, src_r, src_c = code // 10000, code // 100 % 100, code % 100
+        assert (src_r < height).all() and (src_c < width).all()  # every crop inside its source image
+        assert torch.allclose(ym, F.one_hot(src.flatten(1), n).float().mean(1), atol=1e-6)
+        rows, cols = torch.arange(height).view(height, 1), torch.arange(width).view(1, width)
+        shift = src * 1_000_000 + (src_r - rows) * 1000 + (src_c - cols)
+        # The vertical boundary: a column where every row changes crop (source or shift); likewise rows.
+        col_change = (shift[0, :, 1:] != shift[0, :, :-1]).all(0).nonzero().flatten() + 1
+        row_change = (shift[0, 1:, :] != shift[0, :-1, :]).all(1).nonzero().flatten() + 1
+        boundary_cols += col_change.tolist()
+        boundary_rows += row_change.tolist()
+    assert max(boundary_cols) > height, "the vertical boundary ranges over the width (40), not the height"
+    assert max(boundary_rows) < height and min(boundary_cols) > 0
+
+
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 2.0])
+def test_mixup_lambda_is_beta_alpha_alpha(alpha):
+    """λ read back from mixup's targets, over 1,500 batches, against Beta(α, α) by a KS test; the same
+    test rejects Beta(α, 2α) and Beta(2α, 2α), so it would see a wrong parameter."""
+    from scipy import stats
+
+    x, y = labelled_batch(8, size=2)
+    g = gen(23)
+    lams = []
+    for _ in range(1500):
+        _, ym = mixup(x, y, alpha=alpha, generator=g)
+        mixed = [i for i in range(8) if ym[i, i] < 1 - 1e-7 or (ym[i] > 0).sum() == 2]
+        if mixed:
+            lams.append(ym[mixed[0], mixed[0]].item())
+    assert len(lams) > 1400
+    assert stats.kstest(lams, stats.beta(alpha, alpha).cdf).pvalue > 1e-3
+    assert stats.kstest(lams, stats.beta(alpha, 2 * alpha).cdf).pvalue < 1e-3
+    assert stats.kstest(lams, stats.beta(2 * alpha, 2 * alpha).cdf).pvalue < 1e-3

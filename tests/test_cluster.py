@@ -100,7 +100,7 @@ def test_a_preempted_job_waits_for_its_checkpoint_less_than_slurms_warning(tmp_p
     """Defect 7: rank 0 waited up to 120 s for the checkpoint, SLURM's signal comes 90 s early."""
     import threading
 
-    pytest.importorskip("submitit")
+    import submitit  # noqa: F401 - a runtime dependency: its absence fails, never skips
     from imgclf.launch import TrainJob
 
     job = TrainJob(tmp_path, signal_delay_s=delay)
@@ -111,7 +111,8 @@ def test_a_preempted_job_waits_for_its_checkpoint_less_than_slurms_warning(tmp_p
 
 
 def test_submit_hands_the_job_its_signal_delay(tmp_path, monkeypatch):
-    pytest.importorskip("submitit")
+    import submitit  # noqa: F401 - a runtime dependency: its absence fails, never skips
+
     import imgclf.launch as launch
 
     submitted = []

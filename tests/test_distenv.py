@@ -150,3 +150,21 @@ def test_job_setup_replaces_rendezvous_inherited_from_the_submitting_shell(job_e
 
 def test_no_variable_of_the_job_setup_tests_leaks():
     assert "WORLD_SIZE" not in os.environ and "MASTER_ADDR" not in os.environ
+
+
+@pytest.mark.parametrize("rank", range(8))
+def test_torchrun_two_nodes_of_four_separates_rank_from_local_rank(rank):
+    """torchrun --nnodes 2 --nproc-per-node 4: global ranks 4..7 are local ranks 0..3 of the
+    second node, whose four GPUs are cuda:0..3 (a mix-up of RANK and LOCAL_RANK would name cuda:4+)."""
+    env = torchrun(rank, world=8, local_world=4)
+    d = distenv.resolve(env)
+    assert (d.rank, d.world_size, d.local_rank, d.local_world_size) == (rank, 8, rank % 4, 4)
+    assert d.source == "torchrun" and d.distributed
+    assert distenv.device("auto", d, 4) == f"cuda:{rank % 4}"
+    assert distenv.device("cuda", d, 4) == f"cuda:{rank % 4}"
+    exported: dict[str, str] = {}
+    distenv.export(d, exported)
+    assert (exported["RANK"], exported["LOCAL_RANK"], exported["WORLD_SIZE"], exported["LOCAL_WORLD_SIZE"]) == \
+        (str(rank), str(rank % 4), "8", "4")
+    with pytest.raises(ValueError, match="4 ranks share this node"):
+        distenv.device("cuda:1", d, 4)

@@ -243,3 +243,36 @@ def test_lint_is_clean(built_project):
     out = subprocess.run([*SNAKEMAKE, "--directory", str(built_project), "--lint"], cwd=built_project,
                          capture_output=True, text=True)
     assert out.returncode == 0 and "Congratulations" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("errors", [
+    [5.0, 5.5, 9.5],  # skewed: median 5.5, mean 6.67
+    [4.0, 4.25, 4.5, 4.75, 12.0],  # one seed far off: median 4.5, mean 5.9
+    [9.5, 5.0, 5.5, 30.0, 6.0],  # unsorted seed order: median 6.0
+])
+def test_median_over_three_or_more_skewed_seeds(tmp_path, errors):
+    """With 3 and 5 seeds the median differs from the mean, and a middle value is picked from
+    the sorted errors, not from the seed order."""
+    import statistics
+
+    seeds = list(range(len(errors)))
+    row = {"id": "skewed", "label": "Skewed", "recipe": "digits/resnet_preact.yaml", "overrides": TINY,
+           "reported": {"result": 5.0}}
+    path = tmp_path / "skewed.yaml"
+    path.write_text(yaml.safe_dump({"title": "Skewed", "seeds": seeds, "rows": [row]}, sort_keys=False))
+    table = spec.load(path, RECIPES)
+    runs = tmp_path / "runs"
+    for seed, error in zip(seeds, errors):
+        seed_dir = runs / table.rows[0].run_id / f"seed{seed}"
+        seed_dir.mkdir(parents=True)
+        result = {"test_error": error, "train_seconds": 10.0 * (seed + 1), "wall_seconds": 1.0, "epochs": 3,
+                  "seed": seed}
+        (seed_dir / "eval.json").write_text(json.dumps({**result, "test_loss": 0.2, "n_test": 450}))
+    r = report.frame_records(report.aggregate(table, runs))[0]
+    median = sorted(errors)[len(errors) // 2]
+    assert r["test_error_median"] == median != pytest.approx(statistics.fmean(errors))
+    assert r["test_error_mean"] == pytest.approx(statistics.fmean(errors))
+    assert (r["test_error_min"], r["test_error_max"], r["n_done"]) == (min(errors), max(errors), len(errors))
+    assert r["train_seconds_median"] == 10.0 * (len(errors) // 2 + 1)
+    md = markdown_rows(report.render_markdown(table, report.aggregate(table, runs)))
+    assert md["Skewed"][f"Test Error (median of {len(errors)} runs)"] == f"{median:.2f}"

@@ -48,10 +48,19 @@ def cmd_train(args) -> int:
     if cfg.train.dist.world_size > 0 and cfg.train.dist.world_size != ranks:
         raise C.ConfigError(f"train.dist.world_size: {cfg.train.dist.world_size} but this command starts {ranks} "
                             "process(es); use launcher local/slurm with that many --tasks or --gpus (-1 = any)")
+    from imgclf.utils import check_folder
+
+    for key in ("data_root", "dataset.dataset_dir"):
+        if C.get_key(cfg, key):
+            check_folder(C.get_key(cfg, key), key)
     folder = cfg.dataset.dataset_dir or None
     d = data.load(cfg.dataset.name, root=cfg.data_root, folder=folder, write_cache=False)
     _preflight_data(cfg, d)
     out = args.output_dir or cfg.train.output_dir or runs.default_dir(cfg)
+    from imgclf.utils import check_folder
+
+    check_folder(out, "--output-dir" if args.output_dir else "train.output_dir" if cfg.train.output_dir
+                 else "the run directory")
     runs.check_target(cfg, out, resume=args.resume or cfg.train.resume)
     data.store(d, folder, root=cfg.data_root)  # accepted: cached once, for the run to read
     run_dir = runs.prepare(cfg, out, resume=args.resume or cfg.train.resume)
@@ -79,6 +88,11 @@ def _preflight(cfg: C.Config) -> None:
         model = build(cfg, in_channels=c, n_classes=cfg.dataset.n_classes or _n_classes(cfg.dataset.name))
     build_optimizer(cfg, model)
     SchedulePlan.from_config(cfg.scheduler, 1)
+    import importlib.util
+
+    if cfg.train.use_tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise C.ConfigError("train.use_tensorboard: needs the tensorboard package (pip install tensorboard), "
+                            "which is not installed; install it or set train.use_tensorboard False")
 
 
 def _preflight_data(cfg: C.Config, d) -> None:
@@ -296,11 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     from imgclf.data import DataError
     from imgclf.launch.jobs import JobError
     from imgclf.tables.spec import SpecError
+    from imgclf.utils import shown
 
     try:
         return args.func(args)
     except (C.ConfigError, SpecError, DataError, CLIError, JobError, OSError, ValueError) as e:
         message = re.sub(r"\s*\n\s*", " ", str(e).strip())  # one line, whatever the message held
+        message = shown(message)  # a control character a value brought in is shown, never sent to the terminal
         if len(message) > MAX_MESSAGE:  # values are cut where they are echoed; this is the backstop
             message = message[:MAX_MESSAGE - 1] + "…"
         print(f"imgclf {args.command}: error: {message}", file=sys.stderr)

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from imgclf.utils import InputError, clip, os_form, parse_yaml, read_yaml, text_form
+from imgclf.utils import InputError, clip, os_form, parse_yaml, read_yaml, shown, text_form
 
 
 class ConfigError(ValueError):
@@ -507,7 +507,7 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
 def _unknown(key: str, where: str) -> ConfigError:
     close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5) if len(key) <= 200 else []
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"{where}unknown config key '{key if len(key) <= 60 else clip(key, 60)}'{hint}")
+    return ConfigError(f"{where}unknown config key '{shown(key) if len(key) <= 60 else clip(key, 60)}'{hint}")
 
 
 def _type_name(hint: Any) -> str:
@@ -540,18 +540,16 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
-        if not -INT_LIMIT <= value <= INT_LIMIT:  # a seed of 10**23 overflows torch's int64 late
-            raise ConfigError(f"{where}{key}: {clip(value)} is out of range (|value| <= {INT_LIMIT})")
-        return value
+        return value  # bounded by validate(), on the resolved config: an override may fix a recipe
     if hint is float:
         if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        if not math.isfinite(value) or abs(value) > FLOAT_LIMIT:
-            raise ConfigError(f"{where}{key}: expected a finite number of magnitude <= {FLOAT_LIMIT:g}, "
-                              f"got {clip(value)}")
-        return float(value)
+        try:
+            return float(value)  # bounded by validate(), on the resolved config
+        except OverflowError:  # an int beyond any float: validate() refuses the infinity
+            return math.copysign(math.inf, value)
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
@@ -635,14 +633,17 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override '{arg}' has no value; write KEY VALUE or KEY=VALUE")
             key, text = arg, args[i + 1]
             i += 2
-        out[key] = parse_scalar(text)
+        try:
+            out[key] = parse_scalar(text)
+        except ConfigError as e:  # an alias bomb or a megabyte value: say which override
+            raise ConfigError(f"override {clip(key, 60)}: {e}") from None
     return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
+        raise ConfigError(f"{shown(path)}: file not found")
     st = path.stat()
     return copy.deepcopy(_load_yaml(str(path), st.st_mtime_ns, st.st_size))
 
@@ -667,7 +668,7 @@ def _recipe_items(recipe: str | Path) -> tuple[tuple[str, Any], ...]:
     never mutated (set_key copies lists), so the cached pairs are shared safely."""
     path = Path(recipe)
     if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
+        raise ConfigError(f"{shown(path)}: file not found")
     st = path.stat()
     return _recipe_items_cached(str(path), st.st_mtime_ns, st.st_size)
 
@@ -723,8 +724,8 @@ def _not_one_of(key: str, value: Any, choices: tuple[str, ...]) -> ConfigError:
     lower = {c.lower(): c for c in choices}
     close = difflib.get_close_matches(str(value).lower(), list(lower), n=1, cutoff=0.4)
     hint = f" (did you mean '{lower[close[0]]}'?)" if close else ""
-    shown = str(value) if len(str(value)) <= 40 else clip(str(value))
-    return ConfigError(f"{key}: '{shown}' is not one of {', '.join(choices)}{hint}")
+    text = shown(value) if len(str(value)) <= 40 else clip(str(value))
+    return ConfigError(f"{key}: '{text}' is not one of {', '.join(choices)}{hint}")
 
 
 def validate(cfg: Config) -> None:
@@ -749,6 +750,7 @@ def validate(cfg: Config) -> None:
     if cfg.train.epoch_augmentation_draws == "batched" and not cfg.train.epoch_augmentation:
         raise ConfigError("train.epoch_augmentation_draws: batched needs train.epoch_augmentation True "
                           "(or per_step)")
+    _check_limits(cfg)
     for key, bounds in RANGES.items():
         _check_range(key, get_key(cfg, key), bounds)
     _check_model(cfg)
@@ -779,8 +781,37 @@ def validate(cfg: Config) -> None:
     if (aug.use_cutout or aug.use_dual_cutout) and aug.cutout.mask_size > size:
         raise ConfigError(f"augmentation.cutout.mask_size: {aug.cutout.mask_size} is larger than the "
                           f"{size}x{size} images of {cfg.dataset.name} (at most {size})")
+    _check_validation_set(cfg.train)
     if cfg.scheduler.type == "multistep" and sorted(cfg.scheduler.milestones) != cfg.scheduler.milestones:
         raise ConfigError(f"scheduler.milestones: must be increasing, got {cfg.scheduler.milestones}")
+
+
+def _check_validation_set(train: TrainConfig) -> None:
+    """The reference's validation-set switches, in the combinations that do something."""
+    if train.start_epoch:
+        # The reference starts its epoch loop (and LR schedule) there only to fine-tune loaded
+        # weights; here a run continues from its own checkpoint (--resume), which knows its epoch.
+        raise ConfigError(f"train.start_epoch: {train.start_epoch} is not supported (0 = from the start); "
+                          "continue a run with --resume, which restarts at its checkpoint's epoch")
+    if train.use_test_as_val and train.val_ratio:
+        raise ConfigError(f"train.val_ratio: {train.val_ratio:g} has no effect while train.use_test_as_val is "
+                          "True (the test set validates); set train.use_test_as_val False to hold out a split")
+    if not train.use_test_as_val and not train.val_ratio:
+        raise ConfigError("train.use_test_as_val: False needs train.val_ratio in (0, 1), the share of the "
+                          "training set held out to validate on")
+
+
+def _check_limits(cfg: Config) -> None:
+    """Every value of the RESOLVED config within what its consumers can hold: checked here, not as
+    each layer is read, so an override can correct a recipe's value."""
+    for key, value in _flatten(cfg.to_dict()).items():
+        for v in value if type(value) is list else (value,):
+            if type(v) is int and not -INT_LIMIT <= v <= INT_LIMIT:  # a seed of 10**23 overflows int64 late
+                raise ConfigError(f"{key}: {clip(v)} is out of range (|value| <= {INT_LIMIT})")
+            if type(v) is float and not (math.isfinite(v) and abs(v) <= FLOAT_LIMIT):
+                raise ConfigError(f"{key}: expected a finite number of magnitude <= {FLOAT_LIMIT:g}, got {clip(v)}")
+            if type(v) is str and "\0" in v:  # a path with one fails deep inside as "embedded null byte"
+                raise ConfigError(f"{key}: {clip(v)} holds a NUL byte, which no path or name can hold")
 
 
 def _check_range(key: str, value: Any, bounds: tuple[float | None, float | None, bool, bool]) -> None:

@@ -26,10 +26,12 @@ class SeedStatus:
 
 
 def _epochs_done(run_dir: Path) -> int:
+    """Trained epochs: the log's rows after its header, less train.val_first's epoch-0 row."""
     try:
-        return max(len((run_dir / "train_log.csv").read_text(encoding="utf-8").splitlines()) - 1, 0)
+        rows = (run_dir / "train_log.csv").read_text(encoding="utf-8").splitlines()[1:]
     except OSError:
         return 0
+    return sum(1 for row in rows if not row.startswith("0,"))
 
 
 def table_status(spec_path: str | Path, runs_dir: str | Path = "results/runs",

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,23 +142,59 @@ def clip(value: Any, limit: int = ECHO_CHARS) -> str:
 def read_text(path: str | Path, what: str, max_bytes: int) -> str:
     """A small UTF-8 text file, or :class:`InputError` saying why it is not one."""
     path = Path(path)
+    if "\0" in str(path):  # os.stat would say only "embedded null byte"
+        raise InputError(f"{shown(path)}: holds a NUL byte, which no path can hold; expected {what}")
     size = path.stat().st_size
     if size > max_bytes:
-        raise InputError(f"{path}: {size:,} bytes, too large for {what} (at most {max_bytes:,})")
+        raise InputError(f"{shown(path)}: {size:,} bytes, too large for {what} (at most {max_bytes:,})")
     raw = path.read_bytes()[:max_bytes + 1]
     if b"\0" in raw:
         hint = " (UTF-16?)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-        raise InputError(f"{path}: binary data{hint}, expected {what} as UTF-8 text")
+        raise InputError(f"{shown(path)}: binary data{hint}, expected {what} as UTF-8 text")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}), expected {what} as UTF-8 text") from None
+        raise InputError(f"{shown(path)}: not UTF-8 text (byte {e.start}), expected {what} as UTF-8 text") from None
 
 
+def shown(text: Any) -> str:
+    """``text`` for a one-line message: control characters (a NUL, a newline, an escape sequence)
+    written as repr writes them, so a hostile path or key can neither hide nor break the line."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+@functools.lru_cache(maxsize=None)
 def _yaml_loader():
     import yaml
 
-    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+    class UniqueKeyLoader(base):
+        """The safe loader, refusing a mapping that repeats a key: PyYAML keeps the last value
+        silently, so a recipe's second ``epochs:`` would undo its first without a word."""
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # '<<: *base' merges; the keys it brings may be overridden
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        line = first.get(key)
+                        first.setdefault(key, key_node.start_mark.line)
+                    except TypeError:  # an unhashable key: the base loader names it
+                        continue
+                    if line is not None:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {clip(key)} (lines {line + 1} and "
+                            f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 # Nodes a YAML document may hold with its aliases expanded: the largest table spec holds ~2,000;
@@ -184,14 +223,14 @@ def _check_aliases(text: str, where: str) -> None:
                 sizes[event.anchor] = 1
         elif isinstance(event, yaml.AliasEvent):
             if any(frame[0] == event.anchor for frame in stack):
-                raise InputError(f"{where} (line {event.start_mark.line + 1}): recursive YAML alias "
+                raise InputError(f"{shown(where)} (line {event.start_mark.line + 1}): recursive YAML alias "
                                  f"*{event.anchor[:20]} refers to the collection that holds it")
             n = sizes.get(event.anchor, 1)
         else:
             continue
         stack[-1][1] += n
         if sum(frame[1] for frame in stack) > MAX_YAML_NODES:
-            raise InputError(f"{where} (line {event.start_mark.line + 1}): YAML aliases expand beyond "
+            raise InputError(f"{shown(where)} (line {event.start_mark.line + 1}): YAML aliases expand beyond "
                              f"{MAX_YAML_NODES:,} values (an alias bomb?); write the values out")
 
 
@@ -208,9 +247,9 @@ def parse_yaml(text: str, where: str) -> Any:
         mark = getattr(e, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise InputError(f"{where}{line}: not valid YAML: {problem}") from None
+        raise InputError(f"{shown(where)}{line}: not valid YAML: {shown(problem)}") from None
     except RecursionError:
-        raise InputError(f"{where}: YAML nested too deeply") from None
+        raise InputError(f"{shown(where)}: YAML nested too deeply") from None
 
 
 def read_yaml(path: str | Path, what: str = "YAML") -> Any:
@@ -227,9 +266,34 @@ def read_json_object(path: str | Path, what: str = "a JSON object") -> dict[str,
         data = json.loads(text)
     except ValueError as e:
         where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
-        raise InputError(f"{path}: not valid JSON{where}, expected {what}") from None
+        raise InputError(f"{shown(path)}: not valid JSON{where}, expected {what}") from None
     except RecursionError:
-        raise InputError(f"{path}: JSON nested too deeply, expected {what}") from None
+        raise InputError(f"{shown(path)}: JSON nested too deeply, expected {what}") from None
     if not isinstance(data, dict):
-        raise InputError(f"{path}: holds a JSON {type(data).__name__}, expected {what}")
+        raise InputError(f"{shown(path)}: holds a JSON {type(data).__name__}, expected {what}")
     return data
+
+
+def check_folder(path: str | Path, what: str) -> None:
+    """Refuse, in one line naming ``what`` (a key or option), a folder path that cannot be used:
+    a NUL byte, a symlink loop, a dangling symlink or a file on the way. A missing tail is fine
+    (it is created). Without this, mkdir says only "[Errno 17] File exists"."""
+    path = Path(path)
+    here = f"{what} {clip(str(path), 80)}"
+    if "\0" in str(path):
+        raise InputError(f"{here}: holds a NUL byte, which no path can hold")
+    for part in [*reversed(path.parents), path]:  # from the root down: the first bad component
+        try:
+            st = os.stat(part)
+        except FileNotFoundError:
+            if os.path.islink(part):
+                raise InputError(f"{here}: {shown(part)} is a dangling symlink (to "
+                                 f"{shown(os.readlink(part))}); fix or remove it") from None
+            return
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise InputError(f"{here}: {shown(part)} is a symlink loop (its links never reach a file or folder); "
+                                 "fix or remove it") from None
+            raise InputError(f"{here}: {shown(part)}: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise InputError(f"{here}: {shown(part)} is a file, not a folder")

@@ -149,12 +149,18 @@ class Trainer:
 
         # Every rank draws the augmentation of the whole global batch from the same generator and
         # keeps its own shard, so N ranks compute exactly what one process would at that batch.
-        self.loader = DeviceLoader(data.train_images, data.train_labels, cfg.train.batch_size, shuffle=True,
+        train_images, train_labels = data.train_images, data.train_labels
+        held_out = None  # the validation split (train.use_test_as_val False), else the test set validates
+        if not cfg.train.use_test_as_val:
+            train_idx, val_idx = validation_split(len(train_labels), cfg.train.val_ratio, cfg.train.seed)
+            held_out = train_images[val_idx].to(self.device), train_labels[val_idx].to(self.device)
+            train_images, train_labels = train_images[train_idx], train_labels[train_idx]
+        self.loader = DeviceLoader(train_images, train_labels, cfg.train.batch_size, shuffle=True,
                                    drop_last=cfg.train.dataloader.drop_last, seed=cfg.train.seed,
                                    device=self.device, reshuffle=cfg.train.dist.reshuffle_every_epoch)
         if len(self.loader) == 0:
             raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than the "
-                             f"{len(data.train_labels)} training images")
+                             f"{len(train_labels)} training images")
         self.optimizer = build_optimizer(cfg, model)
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.loader))
         self.scaler = self.precision.make_scaler()
@@ -171,6 +177,7 @@ class Trainer:
         self.eval_transform = EvalTransform(*data.normalization, self.device)
         self.test_images = data.test_images.to(self.device)
         self.test_labels = data.test_labels.to(self.device)
+        self.val_images, self.val_labels = held_out or (self.test_images, self.test_labels)
 
         if self.step_model is not self.ddp_model:
             self._compile_now(data)
@@ -505,7 +512,14 @@ class Trainer:
                        dynamic_ncols=True, leave=False, disable=None)
         evaluation: dict[str, Any] = {}
         if self.epoch == 0 and self.step_in_epoch == 0 and not (self.run_dir / ckpt.LATEST).exists():
+            if cfg.train.val_first:  # the initial weights' score: an epoch-0 row of the log
+                evaluation = self._evaluate()
+                self.log_rows.append({"epoch": 0, "lr": self._lr(), "train_loss": float("nan"),
+                                      "train_error": float("nan"), "test_loss": evaluation["test_loss"],
+                                      "test_error": evaluation["test_error"], "epoch_seconds": 0.0,
+                                      "images_per_second": float("nan")})
             self.save_checkpoint()  # the initial state: what a divergence in epoch 1 rolls back to
+        board = self._tensorboard()
         try:
             while self.epoch < epochs:
                 try:
@@ -527,6 +541,8 @@ class Trainer:
                        "epoch_seconds": a["seconds"],
                        "images_per_second": a["seen"] / a["seconds"] if a["seconds"] > 0 else float("nan")}
                 self.log_rows.append(row)
+                if board is not None:
+                    board.epoch(row)
                 if bar is not None:
                     bar.set_postfix(epoch=row["epoch"], loss=f"{row['train_loss']:.3f}",
                                     test_err=f"{row['test_error']:.2f}")
@@ -539,6 +555,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if board is not None:
+                board.close()
         self.wall_seconds = wall_before + time.perf_counter() - started
         return self._finish(evaluation)
 
@@ -574,9 +592,22 @@ class Trainer:
         log.error("%s", error)
         return result
 
-    def _evaluate(self) -> dict[str, Any]:
+    def _tensorboard(self) -> "_Board | None":
+        """``train.use_tensorboard``: the per-epoch scalars as the reference logs them, as event
+        files beside train_log.csv (rank 0). A resumed run drops events after its checkpoint."""
+        if not (self.cfg.train.use_tensorboard and self.is_main):
+            return None
+        board = _Board(self.run_dir, purge_step=self.epoch + 1 if self.epoch else None)
+        if self.epoch == 0 and self.log_rows and self.log_rows[0]["epoch"] == 0:
+            board.epoch(self.log_rows[0])  # train.val_first's row
+        return board
+
+    def _evaluate(self, test: bool = False) -> dict[str, Any]:
+        """The validation set's loss and error (the test set unless train.use_test_as_val is
+        False); ``test``: the test set's."""
         faults.point("eval")
-        return evaluate(self.model, self.test_images, self.test_labels, self.eval_transform,
+        images, labels = (self.test_images, self.test_labels) if test else (self.val_images, self.val_labels)
+        return evaluate(self.model, images, labels, self.eval_transform,
                         batch_size=self.cfg.validation.batch_size, precision=self.precision, rank=self.rank,
                         world_size=self.world_size, channels_last=self.channels_last)
 
@@ -592,6 +623,10 @@ class Trainer:
             "config_hash": C.config_hash(self.cfg), "run_id": self.run_dir.parent.name,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if not self.cfg.train.use_test_as_val:  # the log scored the held-out split; the result is the test set's
+            test = self._evaluate(test=True)
+            result.update(val_error=last["test_error"], val_loss=last["test_loss"], test_error=test["test_error"],
+                          test_loss=test["test_loss"])
         if self.is_main:
             from imgclf.utils import atomic_write_bytes
 
@@ -600,6 +635,45 @@ class Trainer:
             atomic_write_bytes(self.run_dir / "model.pt", buf.getvalue())
             write_json(self.run_dir / "result.json", result)  # last: its existence means "complete"
         return result
+
+
+def validation_split(n: int, ratio: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices of ``n`` training images, as the reference's random_split
+    draws them: ``int(n * ratio)`` held out, a permutation from ``seed`` alone (so every rank and
+    every resume holds out the same images)."""
+    n_val = int(n * ratio)
+    if not 0 < n_val < n:
+        raise ValueError(f"train.val_ratio: {ratio:g} of {n} training images holds out {n_val}; "
+                         "choose a ratio that holds out at least one image and keeps one")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:n - n_val], perm[n - n_val:]
+
+
+class _Board:
+    """TensorBoard event files of the reference's per-epoch scalars (accuracies as fractions)."""
+
+    def __init__(self, run_dir: Path, purge_step: int | None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("train.use_tensorboard: needs the tensorboard package (pip install tensorboard), "
+                             "which is not installed; install it or set train.use_tensorboard False") from None
+        self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        step, w = row["epoch"], self.writer
+        if step > 0:
+            w.add_scalar("Train/Loss", row["train_loss"], step)
+            w.add_scalar("Train/Acc1", 1 - row["train_error"] / 100, step)
+            w.add_scalar("Train/Time", row["epoch_seconds"], step)
+            w.add_scalar("Train/LearningRate", row["lr"], step)
+        if math.isfinite(row["test_error"]):  # epochs without an evaluation log none
+            w.add_scalar("Val/Loss", row["test_loss"], step)
+            w.add_scalar("Val/Acc1", 1 - row["test_error"] / 100, step)
+        w.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _init_distributed(cfg: C.Config, d: distenv.DistEnv, device: torch.device) -> None:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from imgclf.utils import write_json
+from imgclf.utils import InputError, read_json_object, write_json
 
 RECORD = "job.json"
 LOCK = ".lock"
@@ -120,11 +120,18 @@ def _flock_listed(st: os.stat_result) -> bool | None:
 
 
 def read_record(run_dir: str | Path) -> dict[str, Any] | None:
+    """The seed's job record, or None. A garbage record is no record (the next launch rewrites
+    it), said once in a warning naming the file rather than dropped without a word."""
+    path = Path(run_dir) / RECORD
     try:
-        data = json.loads((Path(run_dir) / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json_object(path, "the seed's job record (a JSON object)")
+    except FileNotFoundError:
         return None
-    return data if isinstance(data, dict) else None
+    except (InputError, OSError) as e:
+        import logging
+
+        logging.getLogger(__name__).warning("%s; ignored", e)
+        return None
 
 
 def write_record(run_dir: str | Path, **fields: Any) -> dict[str, Any]:

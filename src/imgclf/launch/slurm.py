@@ -83,7 +83,10 @@ def slurm_states(job_ids: list[str], fresh: bool = False) -> dict[str, str]:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one refresh at a time; the others read its result
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            # a cache of another shape (truncated, hand-edited) is refreshed, not a KeyError
+            if not (isinstance(cached.get("time"), (int, float)) and isinstance(cached.get("states"), dict)):
+                raise ValueError(path)
+        except (OSError, ValueError, AttributeError):
             cached = {"time": 0.0, "states": {}}
         if time.time() - cached["time"] >= POLL_S:
             cached = {"time": time.time(), "states": _sacct()}
