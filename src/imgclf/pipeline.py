@@ -26,6 +26,7 @@ def train_seed(run_dir: str | Path, config: dict[str, Any], seed: int, *, launch
     if data_root:
         cfg.data_root = str(Path(data_root).resolve())
     run_dir = Path(run_dir)
+    runs.preflight(cfg)  # what would fail the job, refused before it waits in a queue
     runs.prepare(cfg, run_dir, resume=True)  # an interrupted seed resumes from its checkpoint
     if launcher == "debug":
         jobs.say(f"{jobs.seed_label(run_dir)}: training on this machine (launcher debug, "
