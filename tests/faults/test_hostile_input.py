@@ -238,8 +238,8 @@ def test_device_without_its_backend_is_one_line(work, capsys):
     ("resnet", ("basic", "bottleneck")), ("resnet_preact", ("basic", "bottleneck")),
     ("se_resnet_preact", ("basic", "bottleneck")), ("pyramidnet", ("basic", "bottleneck")),
     ("densenet", ("basic", "bottleneck")), ("wrn", ("",)), ("resnext", ("",)), ("shake_shake", ("",))])
-def test_config_depth_rules_equal_what_the_builders_accept(family, blocks):
-    """The resolution-time rule and the model builder agree for every depth up to 40."""
+def test_a_depth_resolves_exactly_when_its_builder_builds_it(family, blocks):
+    """Every depth up to 40: resolution refuses it (naming the key) exactly when the builder would."""
     from imgclf.models import build
 
     small = {"initial_channels": 4, "widening_factor": 1, "growth_rate": 2, "alpha": 4, "cardinality": 2,
