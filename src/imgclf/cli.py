@@ -219,7 +219,7 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_cancel)
 
     d = sub.add_parser("data", help="prepare + verify a dataset under the data root")
-    d.add_argument("dataset", help=" | ".join(n.lower() for n in catalog.dataset_names()))
+    d.add_argument("dataset", help=" | ".join((e.aliases or (e.name.lower(),))[0] for e in catalog.DATASETS.values()))
     d.add_argument("--root", default=None, help="data root (default $IMGCLF_DATA_ROOT or resources/data)")
     d.add_argument("--from", default=None, help="an archive (.tar.gz/.tgz) or folder to unpack into the root")
     d.add_argument("--download", action="store_true",

@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- schema
 @dataclass
 class DatasetConfig:
-    name: str = "CIFAR10"  # a dataset of the catalog: digits | MNIST | FashionMNIST | KMNIST | CIFAR10 | CIFAR100
+    name: str = "CIFAR10"  # a dataset of the catalog (imgclf.catalog.DATASETS)
     dataset_dir: str = ""  # explicit folder; empty = <data_root>/<dataset>
     image_size: int = 0  # 0 = the dataset's own size
     n_channels: int = 0  # 0 = the dataset's own
@@ -51,8 +51,8 @@ def _model_section_class(families: tuple[catalog.ModelFamily, ...]) -> type:
     return cls
 
 
-ModelConfig = _model_section_class(tuple(catalog.MODELS.values()))
 _MODEL_FAMILIES = tuple(catalog.MODELS.values())
+ModelConfig = _model_section_class(_MODEL_FAMILIES)
 
 
 def model_section() -> type:
