@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from imgclf import config, models
+from imgclf import catalog, config, models
 from imgclf.models.summary import summarize
 from imgclf.optim import build_optimizer
 
@@ -170,7 +170,7 @@ def render(rows: list[dict], args, device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny configurations and one short window")
-    parser.add_argument("--models", nargs="+", default=sorted(config.MODEL_NAMES), choices=sorted(config.MODEL_NAMES))
+    parser.add_argument("--models", nargs="+", default=list(catalog.model_names()), choices=list(catalog.model_names()))
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (smoke: 32)")
     parser.add_argument("--windows", type=int, default=None, help="timed windows (default 5; smoke: 1)")
     parser.add_argument("--steps", type=int, default=None, help="steps per window (default 10; smoke: 2)")

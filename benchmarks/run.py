@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from imgclf import config
+from imgclf import catalog, config
 from imgclf.augment.pipeline import TrainTransform
 from imgclf.data import DeviceLoader
 
@@ -359,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                              "or a full 50,000-image epoch without one)")
     parser.add_argument("--data-root", default=None,
                         help="use the real CIFAR-10 prepared under this root (`imgclf data CIFAR10 --root ...`)")
-    parser.add_argument("--families", nargs="+", default=sorted(config.MODEL_NAMES),
-                        choices=sorted(config.MODEL_NAMES))
+    parser.add_argument("--families", nargs="+", default=list(catalog.model_names()),
+                        choices=list(catalog.model_names()))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--windows", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)

@@ -23,6 +23,27 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+def shrink_official_sizes(monkeypatch, reader: str, train: int, test: int) -> None:
+    """The official split sizes of every catalog dataset read by ``reader`` ('idx' | 'cifar'),
+    shrunk to what a test's generated files hold."""
+    from imgclf import catalog
+
+    for entry in catalog.DATASETS.values():
+        if entry.reader == reader:
+            monkeypatch.setitem(entry.split_sizes, "train", train)
+            monkeypatch.setitem(entry.split_sizes, "test", test)
+
+
+def lift_published_checksums(monkeypatch, name: str) -> None:
+    """A dataset's published checksums, lifted for generated files that are not its release."""
+    from imgclf import catalog
+
+    entry = catalog.DATASETS[name]
+    for sums in (entry.md5, entry.gz_md5):
+        for stem in list(sums):
+            monkeypatch.delitem(sums, stem)
+
+
 def require(available: bool, reason: str) -> None:
     """A service or data path that CI provides (the SLURM cluster, the real datasets, the reference
     README): under CI=true its absence fails the test, so CI cannot go green without it; elsewhere

@@ -17,7 +17,8 @@ if str(REPO) not in sys.path:  # `benchmarks` is a top-level folder beside src/,
 
 from benchmarks import plain  # noqa: E402
 from benchmarks.run import merge  # noqa: E402
-from imgclf import config as C, losses, models  # noqa: E402
+from imgclf import catalog, losses, models  # noqa: E402
+from imgclf import config as C  # noqa: E402
 from imgclf.augment.pipeline import TrainTransform  # noqa: E402
 
 SECTIONS = ["### Targets", "### Training step:", "### End-to-end epoch:", "### Data pipeline per batch",
@@ -56,7 +57,7 @@ def test_smoke_run_writes_every_section_with_positive_numbers(tmp_path):
     pipeline = table_rows(text, "### Data pipeline per batch")
     assert len(pipeline) == 3 and all(number(r[1]) > 0 for r in pipeline)
     families = table_rows(text, "### Training step of every family's seed recipe")
-    assert sorted(r[0] for r in families) == sorted(C.MODEL_NAMES)
+    assert sorted(r[0] for r in families) == sorted(catalog.MODELS)
     assert all(number(r[4]) > 0 for r in families)
     planning = table_rows(text, "### Workflow planning")
     assert number(planning[0][2]) > 0 and number(planning[0][4]) > 0  # median seconds, jobs planned

@@ -1,7 +1,6 @@
 import pytest
 
 from imgclf import config as C
-from imgclf.models import names
 
 REF = "config/recipes/cifar/resnet_preact.yaml"
 
@@ -83,7 +82,3 @@ def test_resolved_config_round_trips():
     import yaml
 
     assert C.from_dict(yaml.safe_load(C.to_yaml(cfg))) == cfg
-
-
-def test_model_names_listed_in_config_match_the_registry():
-    assert sorted(C.MODEL_NAMES) == names()

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import require
+from conftest import lift_published_checksums, require, shrink_official_sizes
 
-from imgclf import cli
+from imgclf import catalog, cli
 from imgclf.data import DataError, DeviceLoader, cache_path, load, prepare, readers
-from imgclf.data.datasets import DATASETS
+from imgclf.data.datasets import canonical_name
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -62,9 +62,8 @@ def make_idx(folder: Path, n_train=20, n_test=8, gz=True, seed=0) -> dict:
 def small_idx(monkeypatch):
     """Official IDX counts shrunk to what the generated files hold, and KMNIST's published
     checksums lifted (generated files are not the release)."""
-    monkeypatch.setitem(readers.IDX_SIZES, "train", 20)
-    monkeypatch.setitem(readers.IDX_SIZES, "test", 8)
-    monkeypatch.delitem(readers.IDX_GZ_MD5, "KMNIST")
+    shrink_official_sizes(monkeypatch, "idx", 20, 8)
+    lift_published_checksums(monkeypatch, "KMNIST")
 
 
 class Py2Pickler(pickle._Pickler):
@@ -134,8 +133,7 @@ def make_cifar100(folder: Path, n_train=30, n_test=10, seed=0) -> dict:
 
 @pytest.fixture
 def small_cifar(monkeypatch):
-    monkeypatch.setitem(readers.CIFAR_SIZES, "train", 50)
-    monkeypatch.setitem(readers.CIFAR_SIZES, "test", 10)
+    shrink_official_sizes(monkeypatch, "cifar", 50, 10)
 
 
 def make_image_folder(root: Path, classes=("cat", "ant", "bee"), n=(3, 2), size=8, channels=3, fmt="png",
@@ -285,13 +283,12 @@ def test_idx_md5_mismatch_names_published(tmp_path, name, want):
 
 
 def test_idx_counts_and_shapes_checked(tmp_path, monkeypatch):
-    monkeypatch.delitem(readers.IDX_GZ_MD5, "KMNIST")  # generated files: no published checksum applies
+    lift_published_checksums(monkeypatch, "KMNIST")  # generated files: no published checksum applies
     make_idx(tmp_path / "a")
     # Official counts (60000/10000) unless the files are the official release.
     with pytest.raises(DataError, match="train has 20 images, expected the official 60000"):
         readers.read_idx(tmp_path / "a", "KMNIST")
-    monkeypatch.setitem(readers.IDX_SIZES, "train", 20)
-    monkeypatch.setitem(readers.IDX_SIZES, "test", 8)
+    shrink_official_sizes(monkeypatch, "idx", 20, 8)
     # Train and test swapped: caught by the counts.
     a = tmp_path / "a"
     for kind in ("images-idx3-ubyte.gz", "labels-idx1-ubyte.gz"):
@@ -337,7 +334,7 @@ def test_cifar10_batches(tmp_path, small_cifar):
 
 
 def test_cifar100_batches_use_fine_labels(tmp_path, small_cifar, monkeypatch):
-    monkeypatch.setitem(readers.CIFAR_SIZES, "train", 30)
+    monkeypatch.setitem(catalog.DATASETS["CIFAR100"].split_sizes, "train", 30)
     ref = make_cifar100(tmp_path / "cifar100")
     d = load("cifar100", root=tmp_path)
     assert d.classes == ref["classes"] and d.n_classes == 100
@@ -634,7 +631,7 @@ def test_cli_data_from_official_cifar10_archive(tmp_path, capsys, small_cifar):
 
 
 def test_cli_data_from_official_cifar100_archive(tmp_path, capsys, small_cifar, monkeypatch):
-    monkeypatch.setitem(readers.CIFAR_SIZES, "train", 30)
+    monkeypatch.setitem(catalog.DATASETS["CIFAR100"].split_sizes, "train", 30)
     ref = make_cifar100(tmp_path / "src")
     tgz = make_tgz(tmp_path / "cifar-100-python.tar.gz", tmp_path / "src" / "cifar-100-python", "cifar-100-python")
     rc, out, err = data_cli(capsys, "cifar100", "--root", tmp_path / "root", "--from", tgz)
@@ -733,7 +730,7 @@ def test_real_idx_datasets(data_root, name, folder):
     for f in sorted((data_root / folder).iterdir()):
         stem = f.name.removesuffix(".gz")
         raw = gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()
-        assert hashlib.md5(raw).hexdigest() == readers.IDX_MD5[name][stem]
+        assert hashlib.md5(raw).hexdigest() == catalog.DATASETS[name].md5[stem]
     d = load(name, root=data_root)
     assert d.train_images.shape == (60000, 1, 28, 28) and d.test_images.shape == (10000, 1, 28, 28)
     assert d.train_images.dtype == torch.uint8 and d.train_labels.dtype == torch.int64
@@ -843,6 +840,18 @@ def test_loader_rejects_bad_sharding():
         _loader(batch=0)
 
 
-def test_datasets_table_is_consistent():
-    assert set(DATASETS) == {"digits", "MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100"}
-    assert set(readers.IDX_CLASSES) == {"MNIST", "FashionMNIST", "KMNIST"}
+def test_every_catalog_dataset_is_known_by_name_and_alias():
+    assert [canonical_name(n.lower()) for n in catalog.DATASETS] == list(catalog.DATASETS)
+    assert canonical_name("fashion-mnist") == canonical_name("FASHION_MNIST") == "FashionMNIST"
+    with pytest.raises(DataError, match="unknown dataset 'svhn'; known: digits, MNIST, FashionMNIST, KMNIST, "
+                                        "CIFAR10, CIFAR100"):
+        canonical_name("svhn")
+
+
+def test_digits_match_their_catalog_entry():
+    """The catalog's facts are what the reader delivers: planning refuses rows by them."""
+    entry = catalog.DATASETS["digits"]
+    d = load("digits")
+    assert (len(d.train_labels), len(d.test_labels)) == (entry.split_sizes["train"], entry.split_sizes["test"])
+    assert tuple(d.train_images.shape[1:]) == entry.shape and d.n_classes == entry.n_classes == 10
+    assert d.normalization == (d.mean, d.std)  # no published constants: the measured statistics

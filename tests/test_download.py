@@ -3,8 +3,9 @@ import gzip
 
 import pytest
 import torchvision.datasets as tvd
+from conftest import lift_published_checksums
 
-from imgclf.data import DataError, datasets, readers
+from imgclf.data import DataError, datasets
 
 
 def test_offline_download_fails_with_one_line_naming_the_folder(tmp_path, monkeypatch):
@@ -37,7 +38,7 @@ def test_downloaded_idx_files_land_in_our_layout(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tvd.KMNIST, "__init__", fake_init)
     # The fake files are not the release: KMNIST's published checksums are lifted for them.
-    monkeypatch.delitem(readers.IDX_GZ_MD5, "KMNIST")
+    lift_published_checksums(monkeypatch, "KMNIST")
     data = datasets.prepare("kmnist", root=tmp_path / "root", download=True)
     assert sorted(p.name for p in (tmp_path / "root" / "kmnist").iterdir()) == [
         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "train-images-idx3-ubyte.gz",

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from imgclf import config, models
+from imgclf import catalog, config, models
 from imgclf.models.shake_shake import ShakeBlock, shake, shake_coefficients
 from imgclf.models.summary import summarize
 
@@ -101,9 +101,8 @@ EXTRA_TINY = [  # the other block types
 CASES = list(TINY.items()) + EXTRA_TINY
 
 
-def test_registry_names_equal_config_model_names():
-    assert models.names() == sorted(config.MODEL_NAMES)
-    assert set(TINY) == set(config.MODEL_NAMES)
+def test_tiny_options_cover_every_catalog_family():
+    assert set(TINY) == set(catalog.MODELS)
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
@@ -163,7 +162,7 @@ def test_recipe_loads_and_builds(recipe):
 
 
 def test_every_family_has_a_recipe():
-    assert {p.stem for p in RECIPES.glob("*.yaml")} >= set(config.MODEL_NAMES)
+    assert {p.stem for p in RECIPES.glob("*.yaml")} >= set(catalog.MODELS)
 
 
 # --------------------------------------------------------------------------- summary
@@ -279,7 +278,7 @@ def digits():
 
 
 def test_learn_covers_every_family():
-    assert set(LEARN) == set(config.MODEL_NAMES)
+    assert set(LEARN) == set(catalog.MODELS)
 
 
 @pytest.mark.parametrize("name", sorted(LEARN))

@@ -205,9 +205,11 @@ def test_failing_job_says_why_on_one_line_is_not_retried_and_reruns_alone(tmp_pa
     bad = {"title": "Failing", "seeds": [0, 1], "rows": [
         {"id": "ok", "label": "fine", "recipe": "digits/resnet_preact.yaml",
          "overrides": {"model.resnet_preact.depth": 8, "scheduler.epochs": 1}},
-        # larger than the 1,347 training images: fails inside the job, not at planning
-        {"id": "too_big", "label": "batch too large", "recipe": "digits/resnet_preact.yaml",
-         "overrides": {"model.resnet_preact.depth": 8, "scheduler.epochs": 1, "train.batch_size": 4096}}]}
+        # a GPU that the CPU-only cluster's job does not have: fails inside the job, not at planning
+        # (device is not part of a run id: another learning rate keeps it apart from "ok")
+        {"id": "no_gpu", "label": "asks for a GPU", "recipe": "digits/resnet_preact.yaml",
+         "overrides": {"model.resnet_preact.depth": 8, "scheduler.epochs": 1, "train.base_lr": 0.05,
+                       "device": "cuda"}}]}
     root = project(tmp_path, ["failing"], {"failing": bad})
     since = time.time()
     out = snakemake(root)  # the profile's `retries: 1` is in force
@@ -217,7 +219,8 @@ def test_failing_job_says_why_on_one_line_is_not_retried_and_reruns_alone(tmp_pa
     for seed in (0, 1):
         (job,) = sacct_jobs(f"{failed.name}/seed{seed}", since)  # one job: a deterministic failure is not retried
         line = re.compile(rf"imgclf: FAILED {failed.name}/seed{seed}: SLURM job {job[0]} FAILED: \w+Error: "
-                          rf"train.batch_size:? 4096 is larger than the 1347 training images; log \S+/{job[0]}_0_log.err"
+                          rf"device: 'cuda' requested but no CUDA device is visible \(use auto or cpu\); "
+                          rf"log \S+/{job[0]}_0_log.err"
                           r"(?! \(not retried)")  # the first attempt's own line, not only its retry's
         assert line.search(text), text[-3000:]
         assert f"{failed.name}/seed{seed}: SLURM job {job[0]} FAILED" in text.split("seed(s) failed:")[1]
@@ -229,7 +232,7 @@ def test_failing_job_says_why_on_one_line_is_not_retried_and_reruns_alone(tmp_pa
 
     listing = imgclf(root, "status", "config/tables/failing.yaml").splitlines()
     assert re.match(r"ok +0 +done +test error \d+\.\d\d%", listing[1])
-    assert re.match(rf"too_big +0 +failed +{failed.name}/seed0: SLURM job \d+ FAILED: \w+Error: train.batch_size",
+    assert re.match(rf"no_gpu +0 +failed +{failed.name}/seed0: SLURM job \d+ FAILED: \w+Error: device: 'cuda'",
                     listing[3])
     assert listing[-1] == "4 seeds: 2 done, 2 failed"
     target = str((failed / "seed0" / "eval.json").relative_to(root))

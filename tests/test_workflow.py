@@ -183,6 +183,20 @@ def test_fp16_on_a_job_without_gpu_is_refused_by_a_dry_run(project):
             in out.stdout + out.stderr)
 
 
+def test_a_row_that_can_never_start_is_refused_by_a_dry_run(project):
+    spec = project / "config" / "tables" / "big.yaml"
+    spec.write_text(yaml.safe_dump({"title": "Big", "seeds": [0], "rows": [
+        {"id": "too_big", "label": "batch too large", "recipe": "digits/resnet_preact.yaml",
+         "overrides": {"train.batch_size": 4096}}]}))
+    try:
+        out = snakemake(project, "-n", "--config", "tables=[big]", check=False)
+    finally:
+        spec.unlink()
+    assert out.returncode != 0
+    assert ("config/tables/big.yaml: row 'too_big': train.batch_size: 4096 is larger than the 1347 training images "
+            "of digits" in out.stdout + out.stderr)
+
+
 def test_cluster_profile_composes_with_command_line_config_from_a_subdirectory(tmp_path):
     """--config adds to the profile's settings (it used to replace them: launcher=slurm was lost),
     nested values are typed, and the profile works from a subdirectory of the checkout."""

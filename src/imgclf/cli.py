@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 
+from imgclf import catalog
 from imgclf import config as C
 
 
@@ -34,9 +35,7 @@ def cmd_train(args) -> int:
     from imgclf.launch import Resources, get, run
 
     cfg = _build_config(args)
-    # Everything the engine would refuse fails here, before anything is written: the model,
-    # optimizer and schedule of this config (built on the meta device), then the data.
-    _preflight(cfg)
+    runs.preflight(cfg)  # everything the engine would refuse fails here, before anything is written
     if not get(args.launcher).submits:  # in-process: this machine's device is the run's
         from imgclf.engine import distenv
         from imgclf.engine.precision import Precision
@@ -55,7 +54,6 @@ def cmd_train(args) -> int:
             check_folder(C.get_key(cfg, key), key)
     folder = cfg.dataset.dataset_dir or None
     d = data.load(cfg.dataset.name, root=cfg.data_root, folder=folder, write_cache=False)
-    _preflight_data(cfg, d)
     out = args.output_dir or cfg.train.output_dir or runs.default_dir(cfg)
     from imgclf.utils import check_folder
 
@@ -72,44 +70,6 @@ def cmd_train(args) -> int:
     print(f"{run_dir}: test error {result['test_error']:.2f}% after {result['epochs']} epochs "
           f"({result['wall_seconds']:.0f} s)")
     return 0
-
-
-def _preflight(cfg: C.Config) -> None:
-    """Build what the engine builds from ``cfg`` alone, without data or memory: model-family
-    options (depth vs block type, widths, rates), the optimizer and the LR schedule."""
-    import torch
-
-    from imgclf.models import build
-    from imgclf.optim import build_optimizer
-    from imgclf.optim.schedules import SchedulePlan
-
-    c, _, _ = _input_shape(cfg)
-    with torch.device("meta"):
-        model = build(cfg, in_channels=c, n_classes=cfg.dataset.n_classes or _n_classes(cfg.dataset.name))
-    build_optimizer(cfg, model)
-    SchedulePlan.from_config(cfg.scheduler, 1)
-    import importlib.util
-
-    if cfg.train.use_tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise C.ConfigError("train.use_tensorboard: needs the tensorboard package (pip install tensorboard), "
-                            "which is not installed; install it or set train.use_tensorboard False")
-
-
-def _preflight_data(cfg: C.Config, d) -> None:
-    """The engine's checks that need the data: enough images for one batch, labels within the
-    classes, a cutout that fits the images."""
-    import torch
-
-    from imgclf.augment.pipeline import TrainTransform
-
-    n_train = len(d.train_labels)
-    if cfg.train.batch_size > n_train and cfg.train.dataloader.drop_last:
-        raise C.ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the {n_train} training "
-                            f"images of {d.name}")
-    if cfg.dataset.n_classes and cfg.dataset.n_classes < d.n_classes:
-        raise C.ConfigError(f"dataset.n_classes: {cfg.dataset.n_classes} is fewer than the {d.n_classes} "
-                            f"classes of {d.name} (0 = the dataset's own)")
-    TrainTransform(cfg.augmentation, *d.normalization, d.n_classes, d.image_size, torch.device("cpu"))
 
 
 def cmd_evaluate(args) -> int:
@@ -129,9 +89,11 @@ def cmd_summary(args) -> int:
     from imgclf.models import build
     from imgclf.models.summary import summarize
 
+    from imgclf import runs
+
     cfg = _build_config(args)
-    shape = _input_shape(cfg)
-    n_classes = cfg.dataset.n_classes or _n_classes(cfg.dataset.name)
+    shape = runs.input_shape(cfg)
+    n_classes = runs.n_classes(cfg)
     with torch.device("cpu"):
         model = build(cfg, in_channels=shape[0], n_classes=n_classes)
     info = summarize(model, (1, *shape))
@@ -145,18 +107,6 @@ def cmd_summary(args) -> int:
         print(f"MACs         {info['macs']:,} ({info['macs'] / 1e6:.1f}M)")
         print(f"output shape {info['output_shape']}")
     return 0
-
-
-_SHAPES = C.DATASET_SHAPES
-
-
-def _input_shape(cfg: C.Config) -> tuple[int, int, int]:
-    c, h, w = _SHAPES[cfg.dataset.name]
-    return (cfg.dataset.n_channels or c, cfg.dataset.image_size or h, cfg.dataset.image_size or w)
-
-
-def _n_classes(name: str) -> int:
-    return 100 if name == "CIFAR100" else 10
 
 
 def cmd_table(args) -> int:
@@ -280,7 +230,7 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_cancel)
 
     d = sub.add_parser("data", help="prepare + verify a dataset under the data root")
-    d.add_argument("dataset", help="digits | mnist | fashion_mnist | kmnist | cifar10 | cifar100")
+    d.add_argument("dataset", help=" | ".join((e.aliases or (e.name.lower(),))[0] for e in catalog.DATASETS.values()))
     d.add_argument("--root", default=None, help="data root (default $IMGCLF_DATA_ROOT or resources/data)")
     d.add_argument("--from", default=None, help="an archive (.tar.gz/.tgz) or folder to unpack into the root")
     d.add_argument("--download", action="store_true",

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from imgclf import catalog
 from imgclf.utils import InputError, clip, os_form, parse_yaml, read_yaml, shown, text_form
 
 
@@ -31,109 +32,39 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- schema
 @dataclass
 class DatasetConfig:
-    name: str = "CIFAR10"  # digits | MNIST | FashionMNIST | KMNIST | CIFAR10 | CIFAR100
+    name: str = "CIFAR10"  # a dataset of the catalog (imgclf.catalog.DATASETS)
     dataset_dir: str = ""  # explicit folder; empty = <data_root>/<dataset>
     image_size: int = 0  # 0 = the dataset's own size
     n_channels: int = 0  # 0 = the dataset's own
     n_classes: int = 0  # 0 = the dataset's own
 
 
-@dataclass
-class VGGConfig:
-    n_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
-    n_layers: list[int] = field(default_factory=lambda: [2, 2, 3, 3])
-    use_bn: bool = True
+def _model_section_class(families: tuple[catalog.ModelFamily, ...]) -> type:
+    """``config.model``: the keys every family shares, then one section per catalog family
+    (``model.<family>.<option>``), in the catalog's order."""
+    cls = dataclasses.make_dataclass("ModelConfig", [
+        ("type", str, field(default="cifar")),
+        ("name", str, field(default="resnet_preact")),
+        ("init_mode", str, field(default="kaiming_fan_out")),
+        *((f.name, f.options, field(default_factory=f.options)) for f in families)])
+    cls.__module__ = __name__  # pickled by name: the current section of this module
+    return cls
 
 
-@dataclass
-class ResNetConfig:
-    depth: int = 110
-    n_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # ImageNet-style, unused for CIFAR
-    block_type: str = "basic"
-    initial_channels: int = 16
+_MODEL_FAMILIES = tuple(catalog.MODELS.values())
+ModelConfig = _model_section_class(_MODEL_FAMILIES)
 
 
-@dataclass
-class ResNetPreActConfig:
-    depth: int = 110
-    n_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
-    block_type: str = "basic"
-    initial_channels: int = 16
-    remove_first_relu: bool = False
-    add_last_bn: bool = False
-    preact_stage: list[bool] = field(default_factory=lambda: [True, True, True])
-
-
-@dataclass
-class SEResNetPreActConfig:
-    depth: int = 110
-    initial_channels: int = 16
-    se_reduction: int = 16
-    block_type: str = "basic"
-    remove_first_relu: bool = False
-    add_last_bn: bool = False
-    preact_stage: list[bool] = field(default_factory=lambda: [True, True, True])
-
-
-@dataclass
-class WRNConfig:
-    depth: int = 28
-    initial_channels: int = 16
-    widening_factor: int = 10
-    drop_rate: float = 0.0
-
-
-@dataclass
-class DenseNetConfig:
-    depth: int = 100
-    n_blocks: list[int] = field(default_factory=lambda: [6, 12, 24, 16])
-    block_type: str = "bottleneck"
-    growth_rate: int = 12
-    drop_rate: float = 0.0
-    compression_rate: float = 0.5
-
-
-@dataclass
-class PyramidNetConfig:
-    depth: int = 272
-    n_blocks: list[int] = field(default_factory=lambda: [3, 24, 36, 3])
-    initial_channels: int = 16
-    block_type: str = "bottleneck"
-    alpha: int = 200
-
-
-@dataclass
-class ResNeXtConfig:
-    depth: int = 29
-    n_blocks: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
-    initial_channels: int = 64
-    cardinality: int = 8
-    base_channels: int = 64
-
-
-@dataclass
-class ShakeShakeConfig:
-    depth: int = 26
-    initial_channels: int = 96
-    shake_forward: bool = True
-    shake_backward: bool = True
-    shake_image: bool = True
-
-
-@dataclass
-class ModelConfig:
-    type: str = "cifar"
-    name: str = "resnet_preact"
-    init_mode: str = "kaiming_fan_out"
-    vgg: VGGConfig = field(default_factory=VGGConfig)
-    resnet: ResNetConfig = field(default_factory=ResNetConfig)
-    resnet_preact: ResNetPreActConfig = field(default_factory=ResNetPreActConfig)
-    se_resnet_preact: SEResNetPreActConfig = field(default_factory=SEResNetPreActConfig)
-    wrn: WRNConfig = field(default_factory=WRNConfig)
-    densenet: DenseNetConfig = field(default_factory=DenseNetConfig)
-    pyramidnet: PyramidNetConfig = field(default_factory=PyramidNetConfig)
-    resnext: ResNeXtConfig = field(default_factory=ResNeXtConfig)
-    shake_shake: ShakeShakeConfig = field(default_factory=ShakeShakeConfig)
+def model_section() -> type:
+    """The dataclass of ``config.model`` for the catalog's families as they are now: a family
+    added to the catalog (a test's toy family) gets its section, and its keys, on the next config."""
+    global ModelConfig, _MODEL_FAMILIES
+    families = tuple(catalog.MODELS.values())
+    if families != _MODEL_FAMILIES:
+        ModelConfig, _MODEL_FAMILIES = _model_section_class(families), families
+        for cache in (_hints, _field_kinds, _field_names, _non_semantic_keys):
+            cache.cache_clear()
+    return ModelConfig
 
 
 @dataclass
@@ -343,7 +274,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     data_root: str = ""  # empty = $IMGCLF_DATA_ROOT, else ./resources/data
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: model_section()())
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -381,10 +312,6 @@ PRECISION_ALIASES = {"O0": "fp32", "O1": "amp", "O2": "fp16_master", "O3": "fp16
 # truth). train.eval_period is the speed-path issue's name for the reference's train.val_period.
 KEY_ALIASES = {"train.eval_period": "train.val_period"}
 PRECISIONS = ("fp32", "tf32", "amp", "bf16", "fp16", "fp16_master")
-DATASET_NAMES = ("digits", "MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
-# (channels, height, width) of each dataset's images: config checks need them before any data is read.
-DATASET_SHAPES = {"digits": (1, 8, 8), "MNIST": (1, 28, 28), "FashionMNIST": (1, 28, 28), "KMNIST": (1, 28, 28),
-                  "CIFAR10": (3, 32, 32), "CIFAR100": (3, 32, 32)}
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # Every int is read into a C integer somewhere (torch seeds are int64, shapes int32): bounded
 # here, at resolution, not by an overflow deep inside a job.
@@ -441,29 +368,9 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "augmentation.ricap.beta": (0, None, False, True),
     "augmentation.label_smoothing.epsilon": (0, 1, True, False),
 }
-# The selected model family's own numeric options (other families' options are not used).
-MODEL_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
-    "initial_channels": (0, None, False, True), "growth_rate": (0, None, False, True),
-    "widening_factor": (0, None, False, True), "cardinality": (0, None, False, True),
-    "base_channels": (0, None, False, True), "se_reduction": (0, None, False, True),
-    "alpha": (0, None, True, True), "drop_rate": (0, 1, True, False), "compression_rate": (0, 1, False, True),
-    "depth": (0, None, False, True),
-}
-# depth = a * n + b with n >= 1, per family and block type: what each builder in models/ accepts,
-# known at resolution so a table row with an impossible depth fails `snakemake -n`, not its job.
-DEPTH_RULES: dict[tuple[str, str], tuple[int, int]] = {
-    **{(f, "basic"): (6, 2) for f in ("resnet", "resnet_preact", "se_resnet_preact", "pyramidnet")},
-    **{(f, "bottleneck"): (9, 2) for f in ("resnet", "resnet_preact", "se_resnet_preact", "pyramidnet")},
-    ("resnext", ""): (9, 2), ("shake_shake", ""): (6, 2), ("wrn", ""): (6, 4),
-    ("densenet", "basic"): (3, 4), ("densenet", "bottleneck"): (6, 4),
-}
-# The registry's names, kept here so that planning a workflow never imports torch
-# (a test checks that they equal imgclf.models.names()).
-MODEL_NAMES = ("densenet", "pyramidnet", "resnet", "resnet_preact", "resnext", "se_resnet_preact",
-               "shake_shake", "vgg", "wrn")
 MIXERS = ("use_mixup", "use_cutmix", "use_ricap")
+# Choices of keys that are not the catalog's (dataset.name, model.<family>.block_type: see choices()).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "dataset.name": DATASET_NAMES,
     "model.init_mode": ("kaiming_fan_out", "kaiming_fan_in"),
     "train.precision": PRECISIONS + tuple(PRECISION_ALIASES),
     "train.optimizer": ("sgd", "adam", "amsgrad", "lars"),
@@ -471,14 +378,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler.warmup.type": ("none", "linear", "exponential"),
     "augmentation.random_crop.padding_mode": ("constant", "edge", "reflect"),
     "train.epoch_augmentation_draws": ("per_step", "batched"),
-    "model.resnet.block_type": ("basic", "bottleneck"),
-    "model.resnet_preact.block_type": ("basic", "bottleneck"),
-    "model.se_resnet_preact.block_type": ("basic", "bottleneck"),
-    "model.densenet.block_type": ("basic", "bottleneck"),
-    "model.pyramidnet.block_type": ("basic", "bottleneck"),
     "train.dist.backend": ("auto", "nccl", "gloo"),
     "train.on_divergence": ("stop", "rollback"),
 }
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Every key with a fixed set of values: CHOICES, the catalog's dataset names and block types."""
+    return {"dataset.name": catalog.dataset_names(), **CHOICES,
+            **{f"model.{f.name}.block_type": f.block_types for f in catalog.MODELS.values() if f.block_types}}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -731,13 +639,13 @@ def _not_one_of(key: str, value: Any, choices: tuple[str, ...]) -> ConfigError:
 def validate(cfg: Config) -> None:
     """Choices, ranges and combinations the type system cannot express. Normalizes aliases
     (apex's O0..O3) so equal computations hash equally."""
-    for key, choices in CHOICES.items():
+    for key, allowed in choices().items():
         value = get_key(cfg, key)
-        if value not in choices:
-            raise _not_one_of(key, value, choices)
+        if value not in allowed:
+            raise _not_one_of(key, value, allowed)
     cfg.train.precision = PRECISION_ALIASES.get(cfg.train.precision, cfg.train.precision)
-    if cfg.model.name not in MODEL_NAMES:
-        raise _not_one_of("model.name", cfg.model.name, MODEL_NAMES)
+    if cfg.model.name not in catalog.MODELS:
+        raise _not_one_of("model.name", cfg.model.name, catalog.model_names())
     if not _DEVICE.fullmatch(cfg.device):
         raise ConfigError(f"device: '{cfg.device}' is not one of auto, cpu, cuda, cuda:N, mps")
     for key in ("dataset.image_size", "dataset.n_channels", "dataset.n_classes"):
@@ -777,7 +685,7 @@ def validate(cfg: Config) -> None:
             f"augmentation.random_erasing.area_ratio_range: expected [low, high] with 0 < low <= high <= 1, "
             f"got {aug.random_erasing.area_ratio_range}"
         )
-    size = cfg.dataset.image_size or DATASET_SHAPES[cfg.dataset.name][1]
+    size = cfg.dataset.image_size or catalog.DATASETS[cfg.dataset.name].shape[1]
     if (aug.use_cutout or aug.use_dual_cutout) and aug.cutout.mask_size > size:
         raise ConfigError(f"augmentation.cutout.mask_size: {aug.cutout.mask_size} is larger than the "
                           f"{size}x{size} images of {cfg.dataset.name} (at most {size})")
@@ -830,8 +738,9 @@ def _check_range(key: str, value: Any, bounds: tuple[float | None, float | None,
 
 def _check_dataset_shape(cfg: Config) -> None:
     """The named dataset's images have a known shape and class count; the data are not resized."""
-    c, h, _ = DATASET_SHAPES[cfg.dataset.name]
-    classes = 100 if cfg.dataset.name == "CIFAR100" else 10
+    entry = catalog.DATASETS[cfg.dataset.name]
+    c, h, _ = entry.shape
+    classes = entry.n_classes
     ds = cfg.dataset
     if ds.n_channels and ds.n_channels != c:
         raise ConfigError(f"dataset.n_channels: {ds.n_channels} does not match the {c}-channel images of "
@@ -846,13 +755,12 @@ def _check_dataset_shape(cfg: Config) -> None:
 
 def _check_model(cfg: Config) -> None:
     family = cfg.model.name
+    entry = catalog.MODELS[family]
     options = getattr(cfg.model, family)
-    names = _field_names(type(options))
-    for option, bounds in MODEL_RANGES.items():
-        if option in names:
-            _check_range(f"model.{family}.{option}", getattr(options, option), bounds)
+    for option, bounds in entry.ranges.items():
+        _check_range(f"model.{family}.{option}", getattr(options, option), bounds)
     block = getattr(options, "block_type", "")
-    rule = DEPTH_RULES.get((family, block)) or DEPTH_RULES.get((family, ""))
+    rule = entry.depth_rules.get(block) or entry.depth_rules.get("")
     if rule is not None:
         a, b = rule
         n, rem = divmod(options.depth - b, a)
@@ -860,14 +768,9 @@ def _check_model(cfg: Config) -> None:
             kind = f" with block_type '{block}'" if block else ""
             raise ConfigError(f"model.{family}.depth: {options.depth} is not {a}n+{b}{kind} "
                               f"(e.g. {', '.join(str(a * k + b) for k in (1, 2, 3, 9, 18))})")
-    if family == "vgg":
-        v = cfg.model.vgg
-        if not v.n_channels or len(v.n_channels) != len(v.n_layers):
-            raise ConfigError(f"model.vgg.n_layers: expected one entry per stage of model.vgg.n_channels "
-                              f"({len(v.n_channels)}), got {clip(v.n_layers)}")
-        if min(v.n_layers) < 1 or min(v.n_channels) < 1:
-            raise ConfigError(f"model.vgg: every stage needs >= 1 layer and >= 1 channel, got n_channels "
-                              f"{clip(v.n_channels)}, n_layers {clip(v.n_layers)}")
+    problem = entry.check(options) if entry.check else None
+    if problem:
+        raise ConfigError(problem)
     stages = getattr(options, "preact_stage", None)
     if stages is not None and len(stages) != 3:
         raise ConfigError(f"model.{family}.preact_stage: expected 3 booleans (one per stage), got {clip(stages)}")
@@ -900,7 +803,9 @@ def config_hash(cfg: Config, length: int = 8) -> str:
     """A short hash of everything that decides the result, seed and paths excluded."""
     flat = _flatten(cfg.to_dict())
     dropped = _non_semantic_keys()
-    kept = {k: v for k, v in flat.items() if k not in dropped}
+    unselected = tuple(f"model.{f.name}." for f in catalog.MODELS.values()
+                       if not f.in_every_run_id and f.name != cfg.model.name)
+    kept = {k: v for k, v in flat.items() if k not in dropped and not k.startswith(unselected)}
     if cfg.dataset.dataset_dir:
         # An explicit folder selects the data: rows that differ only there are different runs.
         # (Empty, the default, stays out of the hash so that every other run keeps its id.)

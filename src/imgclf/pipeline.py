@@ -29,6 +29,7 @@ def train_seed(run_dir: str | Path, config: dict[str, Any], seed: int, *, launch
     run_dir = Path(run_dir)
     label = jobs.seed_label(run_dir)
     # Checked before the run directory is written: these values become the job's sbatch script.
+    runs.preflight(cfg)  # what would fail the job, refused before it waits in a queue
     res = Resources.from_dict(resources, label)
     runs.prepare(cfg, run_dir, resume=True)  # an interrupted seed resumes from its checkpoint
     if not get(launcher).submits:

@@ -1,4 +1,4 @@
-"""Run identity and run directories.
+"""Run identity, run directories, and the one preflight every entry point calls.
 
 ``run_id`` = a readable slug + a short hash of the resolved config without seed and
 paths, so equal rows of different tables share one run.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from imgclf import catalog
 from imgclf import config as C
 from imgclf.utils import InputError, os_form, read_yaml
 
@@ -25,6 +26,57 @@ _TEMP_FILE = re.compile(r"\.(.+)\.[A-Za-z0-9_]+\.tmp")  # an atomic write's temp
 
 def run_id(cfg: C.Config) -> str:
     return f"{cfg.dataset.name.lower()}-{cfg.model.name}-{C.config_hash(cfg)}"
+
+
+def input_shape(cfg: C.Config) -> tuple[int, int, int]:
+    """(channels, height, width) of the model's input: the config's, else its dataset's."""
+    c, h, w = catalog.DATASETS[cfg.dataset.name].shape
+    return (cfg.dataset.n_channels or c, cfg.dataset.image_size or h, cfg.dataset.image_size or w)
+
+
+def n_classes(cfg: C.Config) -> int:
+    return cfg.dataset.n_classes or catalog.DATASETS[cfg.dataset.name].n_classes
+
+
+def preflight(cfg: C.Config, *, build: bool = True) -> None:
+    """Refuse, before anything starts, a resolved config whose job could never run to the end.
+
+    Called by ``imgclf train``, by the planner for every trained row of every table (so that
+    ``snakemake -n`` names the table, row and key) and by the workflow's training job before it
+    submits (so that a cluster job does not fail after its queue wait). ``build`` also builds the
+    model, optimizer and LR schedule on torch's meta device, without data or memory (the
+    builders' own checks); the planner leaves it out, so that planning never imports torch.
+    (A device the job will not have, e.g. fp16 without a GPU, depends on where it runs: the
+    launchers check that, ``launch.jobs.device_problem``.)"""
+    n_train = catalog.DATASETS[cfg.dataset.name].split_sizes["train"]
+    if cfg.train.batch_size > n_train and cfg.train.dataloader.drop_last:
+        raise C.ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the {n_train} training "
+                            f"images of {cfg.dataset.name}")
+    ranks, chunks = cfg.train.dist.world_size, cfg.train.subdivision
+    if ranks > 1 and cfg.train.batch_size % (ranks * chunks):
+        raise C.ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by its {ranks} ranks x "
+                            f"train.subdivision {chunks}; choose a multiple of {ranks * chunks}")
+    if cfg.dataset.n_classes and cfg.dataset.n_classes < catalog.DATASETS[cfg.dataset.name].n_classes:
+        raise C.ConfigError(f"dataset.n_classes: {cfg.dataset.n_classes} is fewer than the "
+                            f"{catalog.DATASETS[cfg.dataset.name].n_classes} classes of {cfg.dataset.name} "
+                            "(0 = the dataset's own)")
+    if build:
+        import importlib.util
+
+        import torch
+
+        if cfg.train.use_tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise C.ConfigError("train.use_tensorboard: needs the tensorboard package (pip install tensorboard), "
+                                "which is not installed; install it or set train.use_tensorboard False")
+
+        from imgclf.models import build as build_model
+        from imgclf.optim import build_optimizer
+        from imgclf.optim.schedules import SchedulePlan
+
+        with torch.device("meta"):
+            model = build_model(cfg, in_channels=input_shape(cfg)[0], n_classes=n_classes(cfg))
+        build_optimizer(cfg, model)
+        SchedulePlan.from_config(cfg.scheduler, 1)
 
 
 def default_dir(cfg: C.Config, root: str | Path = "results/runs") -> Path:

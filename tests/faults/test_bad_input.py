@@ -518,9 +518,9 @@ def test_corpus_is_large_enough():
 @pytest.mark.parametrize("path", sorted(RECIPES.rglob("*.yaml")), ids=lambda p: str(p.relative_to(RECIPES)))
 def test_preflight_accepts_every_shipped_recipe(path):
     """The checks that refuse bad input before anything is written must pass every good recipe."""
-    from imgclf.cli import _preflight
+    from imgclf.runs import preflight
 
-    _preflight(C.build(path))
+    preflight(C.build(path))
 
 
 def test_damaged_eval_json_counts_as_unfinished(tmp_path, monkeypatch, capsys):

@@ -28,9 +28,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import DIGITS, RECIPES, REPO, TINY, make_run
+from conftest import DIGITS, RECIPES, REPO, TINY, lift_published_checksums, make_run, shrink_official_sizes
 
-from imgclf import config as C, runs
+from imgclf import catalog, config as C, runs
 from imgclf.cli import main
 from imgclf.data import DataError, load, readers
 from imgclf.tables import plan as P, report, spec as S
@@ -146,8 +146,7 @@ def test_deeply_nested_and_huge_yaml(work, capsys):
 def test_gzip_bomb_in_an_idx_file(work, capsys, monkeypatch):
     # The limit is the official file's size (47 MB for MNIST's training images); shrunk here so that
     # the bomb (10 MB of zeros in 10 KB) is quick to build.
-    monkeypatch.setitem(readers.IDX_SIZES, "train", 100)
-    monkeypatch.setitem(readers.IDX_SIZES, "test", 100)
+    shrink_official_sizes(monkeypatch, "idx", 100, 100)
     data = work / "data" / "mnist"
     data.mkdir(parents=True)
     (data / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes(10_000_000), compresslevel=1))
@@ -168,11 +167,10 @@ def test_idx_header_claiming_huge_counts(work, capsys, dims, payload):
 
 
 def test_oversized_plain_idx_file_is_refused_before_reading(tmp_path, monkeypatch):
-    monkeypatch.setitem(readers.IDX_SIZES, "train", 2)
-    monkeypatch.setitem(readers.IDX_SIZES, "test", 2)
+    shrink_official_sizes(monkeypatch, "idx", 2, 2)
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes([5000]))
     with pytest.raises(DataError, match="more than the 10 of an official train-labels-idx1-ubyte"):
-        readers._open_idx(tmp_path, "train-labels-idx1-ubyte")
+        readers._open_idx(tmp_path, "MNIST", "train-labels-idx1-ubyte")
 
 
 @pytest.mark.parametrize("link", ["..", ".", "/"], ids=["parent", "self", "root"])
@@ -240,8 +238,8 @@ def test_device_without_its_backend_is_one_line(work, capsys):
     ("resnet", ("basic", "bottleneck")), ("resnet_preact", ("basic", "bottleneck")),
     ("se_resnet_preact", ("basic", "bottleneck")), ("pyramidnet", ("basic", "bottleneck")),
     ("densenet", ("basic", "bottleneck")), ("wrn", ("",)), ("resnext", ("",)), ("shake_shake", ("",))])
-def test_config_depth_rules_equal_what_the_builders_accept(family, blocks):
-    """The resolution-time rule and the model builder agree for every depth up to 40."""
+def test_a_depth_resolves_exactly_when_its_builder_builds_it(family, blocks):
+    """Every depth up to 40: resolution refuses it (naming the key) exactly when the builder would."""
     from imgclf.models import build
 
     small = {"initial_channels": 4, "widening_factor": 1, "growth_rate": 2, "alpha": 4, "cardinality": 2,
@@ -446,8 +444,7 @@ def _tgz(path: Path, folder: Path) -> Path:
 
 @pytest.fixture
 def small_cifar(monkeypatch):
-    monkeypatch.setitem(readers.CIFAR_SIZES, "train", 50)
-    monkeypatch.setitem(readers.CIFAR_SIZES, "test", 10)
+    shrink_official_sizes(monkeypatch, "cifar", 50, 10)
 
 
 def test_refused_archive_is_rolled_back_and_a_good_one_then_works(work, capsys, small_cifar):
@@ -615,9 +612,8 @@ def _kmnist(folder: Path, seed: int) -> None:
 
 @pytest.fixture
 def generated_kmnist(monkeypatch):
-    monkeypatch.setitem(readers.IDX_SIZES, "train", 20)
-    monkeypatch.setitem(readers.IDX_SIZES, "test", 8)
-    monkeypatch.delitem(readers.IDX_GZ_MD5, "KMNIST")
+    shrink_official_sizes(monkeypatch, "idx", 20, 8)
+    lift_published_checksums(monkeypatch, "KMNIST")
 
 
 def test_cache_is_keyed_by_its_source_folder(work, generated_kmnist):
@@ -699,14 +695,13 @@ def test_kmnist_checksums_are_the_published_ones():
     from torchvision.datasets import KMNIST
 
     published = {name.removesuffix(".gz"): md5 for name, md5 in KMNIST.resources}
-    assert readers.IDX_GZ_MD5["KMNIST"] == published
+    assert catalog.DATASETS["KMNIST"].gz_md5 == published
     assert len(published) == 4
 
 
 def test_fake_kmnist_is_refused(tmp_path, monkeypatch):
     """Well-formed but not the release: refused by checksum, gzip or not."""
-    monkeypatch.setitem(readers.IDX_SIZES, "train", 20)
-    monkeypatch.setitem(readers.IDX_SIZES, "test", 8)
+    shrink_official_sizes(monkeypatch, "idx", 20, 8)
     _kmnist(tmp_path / "plain", 0)
     with pytest.raises(DataError, match="published MD5s of its released .gz files"):
         readers.read_idx(tmp_path / "plain", "KMNIST")

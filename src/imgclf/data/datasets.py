@@ -13,36 +13,13 @@ from pathlib import Path
 
 import torch
 
+from imgclf import catalog
 from imgclf.utils import exclusive
 
 from . import readers
 from .readers import DataError
 
 
-@dataclass(frozen=True)
-class Spec:
-    folder: str  # under the data root
-    reader: str  # readers.<reader>
-
-
-DATASETS = {
-    "digits": Spec("", "digits"),
-    "MNIST": Spec("mnist", "idx"),
-    "FashionMNIST": Spec("fashion_mnist", "idx"),
-    "KMNIST": Spec("kmnist", "idx"),
-    "CIFAR10": Spec("cifar10", "cifar"),
-    "CIFAR100": Spec("cifar100", "cifar"),
-}
-# The reference's normalization constants (its transforms' _get_dataset_stats), which the tables'
-# runs normalize with; they differ from the statistics measured here in the 4th decimal.
-REFERENCE_STATS = {
-    "MNIST": ([0.1307], [0.3081]),
-    "FashionMNIST": ([0.2860], [0.3530]),
-    "KMNIST": ([0.1904], [0.3475]),
-    "CIFAR10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
-    "CIFAR100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
-}
-ALIASES = {n.lower(): n for n in DATASETS} | {"fashion_mnist": "FashionMNIST", "fashion-mnist": "FashionMNIST"}
 CACHE_VERSION = 1
 
 
@@ -62,9 +39,12 @@ class Data:
 
     @property
     def normalization(self) -> tuple[list[float], list[float]]:
-        """(mean, std) that the transforms normalize with: the reference's constants for its
-        datasets, the measured statistics otherwise (digits, image folders)."""
-        return REFERENCE_STATS.get(self.name, (self.mean, self.std))
+        """(mean, std) that the transforms normalize with: the catalog's (the reference's constants)
+        where it has them, the measured statistics otherwise (digits)."""
+        entry = catalog.DATASETS.get(self.name)
+        if entry is None or entry.normalization is None:
+            return self.mean, self.std
+        return list(entry.normalization[0]), list(entry.normalization[1])
 
     @property
     def n_channels(self) -> int:
@@ -80,11 +60,13 @@ class Data:
 
 
 def canonical_name(name: str) -> str:
-    if name in DATASETS:
+    """A catalog name from any case of it or of one of its aliases (fashion_mnist)."""
+    if name in catalog.DATASETS:
         return name
-    if name.lower() in ALIASES:
-        return ALIASES[name.lower()]
-    raise DataError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
+    for entry in catalog.DATASETS.values():
+        if name.lower() in (entry.name.lower(), *entry.aliases):
+            return entry.name
+    raise DataError(f"unknown dataset '{name}'; known: {', '.join(catalog.DATASETS)}")
 
 
 def data_root(configured: str = "") -> Path:
@@ -101,17 +83,18 @@ def cache_path(name: str) -> Path:
 
 
 def _read(name: str, folder: Path) -> dict:
-    spec = DATASETS[name]
-    if spec.reader == "digits":
-        return readers.read_digits()
-    if not folder.is_dir():
+    entry = catalog.DATASETS[name]
+    if entry.folder and not folder.is_dir():
         raise DataError(
             f"{folder}: dataset folder for {name} not found; set data_root in config/config.yaml or "
-            f"IMGCLF_DATA_ROOT to a folder holding {spec.folder}/ (see `imgclf data --help`)"
+            f"IMGCLF_DATA_ROOT to a folder holding {entry.folder}/ (see `imgclf data --help`)"
         )
-    if spec.reader == "idx":
-        return readers.read_idx(folder, name)
-    return readers.read_cifar(folder, name)
+    return getattr(readers, f"read_{entry.reader}")(folder, name)
+
+
+def _bundled(name: str) -> bool:
+    """Shipped with a library (no folder under the data root): the digits."""
+    return not catalog.DATASETS[name].folder
 
 
 def _stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
@@ -148,7 +131,7 @@ def load(name: str, root: str | Path | None = None, folder: str | Path | None = 
     ``write_cache=False`` a freshly decoded dataset is not cached yet: the caller checks it against
     the config first, then calls :func:`store` (nothing is written for a refused command)."""
     name = canonical_name(name)
-    folder = Path(folder) if folder else data_root(str(root or "")) / DATASETS[name].folder
+    folder = Path(folder) if folder else data_root(str(root or "")) / catalog.DATASETS[name].folder
     cache = cache_path(name)
     if use_cache and cache.is_file():
         try:
@@ -168,7 +151,7 @@ def load(name: str, root: str | Path | None = None, folder: str | Path | None = 
 
 def _source(name: str, folder: Path) -> str:
     """The folder a cache was decoded from, as an absolute path ('builtin' for the digits)."""
-    return "builtin" if DATASETS[name].reader == "digits" else str(folder.resolve())
+    return "builtin" if _bundled(name) else str(folder.resolve())
 
 
 def _cache_serves(blob: dict, name: str, folder: Path) -> bool:
@@ -186,8 +169,8 @@ def store(data: Data, folder: str | Path | None = None, root: str | Path | None 
     if data.cached:
         return
     name = data.name
-    folder = Path(folder) if folder else data_root(str(root or "")) / DATASETS[name].folder
-    builtin = DATASETS[name].reader == "digits"
+    folder = Path(folder) if folder else data_root(str(root or "")) / catalog.DATASETS[name].folder
+    builtin = _bundled(name)
     _write_cache(cache_path(name), data, "builtin" if builtin else _fingerprint(folder), _source(name, folder))
     data.cached = True
 
@@ -215,14 +198,15 @@ def prepare(name: str, root: str | Path, source: str | Path | None = None, downl
     # Two preparations of one dataset at once would read each other's half-copied files: the
     # second waits for the first, then finds the folder (and the cache) ready.
     with exclusive(cache_path(name).with_name(f".{cache_path(name).stem}.prepare.lock")):
-        return _prepare(name, Path(root) / DATASETS[name].folder, root, source, download)
+        return _prepare(name, Path(root) / catalog.DATASETS[name].folder, root, source, download)
 
 
 def _prepare(name: str, target: Path, root: str | Path, source: str | Path | None, download: bool) -> Data:
-    if source is None and download and DATASETS[name].folder and not target.is_dir():
+    bundled = _bundled(name)
+    if source is None and download and not bundled and not target.is_dir():
         fetch(name, target)
     if source is None:
-        return load(name, root=root, folder=target if DATASETS[name].folder else None)
+        return load(name, root=root, folder=None if bundled else target)
     source = Path(source)
     if not source.exists():
         raise DataError(f"{source}: not found (expected an archive .tar.gz/.tgz or a folder)")
@@ -235,17 +219,12 @@ def _prepare(name: str, target: Path, root: str | Path, source: str | Path | Non
             _copy_tree(source, target)
         else:
             _unpack(source, target, name)
-        return load(name, root=root, folder=target if DATASETS[name].folder else None)
+        return load(name, root=root, folder=None if bundled else target)
     except BaseException:
         # A refused source leaves no half-prepared folder behind for the next (good) one to merge into.
         if created is not None and created.exists():
             shutil.rmtree(created, ignore_errors=True)
         raise
-
-
-# torchvision's downloaders fetch the official releases and verify their published MD5s.
-_TORCHVISION = {"MNIST": "MNIST", "FashionMNIST": "FashionMNIST", "KMNIST": "KMNIST", "CIFAR10": "CIFAR10",
-                "CIFAR100": "CIFAR100"}
 
 
 def fetch(name: str, target: Path) -> None:
@@ -255,7 +234,8 @@ def fetch(name: str, target: Path) -> None:
 
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent if target.parent.is_dir() else None))
     try:
-        cls = getattr(tvd, _TORCHVISION[name])
+        # torchvision's downloaders fetch the official releases and verify their published MD5s.
+        cls = getattr(tvd, catalog.DATASETS[name].torchvision)
         try:
             cls(str(staging), train=True, download=True)
             cls(str(staging), train=False, download=True)
@@ -264,7 +244,7 @@ def fetch(name: str, target: Path) -> None:
             raise DataError(
                 f"{target}: {name} is not there and could not be downloaded ({first}); place the official "
                 f"files there or run `imgclf data {name.lower()} --from ARCHIVE`") from None
-        if DATASETS[name].reader == "idx":
+        if catalog.DATASETS[name].reader == "idx":
             raw = staging / name / "raw"
             target.mkdir(parents=True, exist_ok=True)
             for gz in raw.glob("*.gz"):
@@ -324,7 +304,7 @@ def _unpack(archive: Path, target: Path, name: str) -> None:
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise DataError(f"{archive}: cannot unpack ({type(e).__name__}: {e})") from None
         # Find the folder that holds the data: python batches, or train/ + test/ image folders.
-        batches_dir = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}.get(name)
+        batches_dir = catalog.DATASETS[name].archive_folder
         for cand in [staging, *sorted(p for p in staging.rglob("*") if p.is_dir())]:
             if (cand / "train").is_dir() and (cand / "test").is_dir():
                 _refuse_linked_dirs(cand)

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imgclf import catalog
+
 
 class DataError(RuntimeError):
     """Missing, truncated or corrupt dataset files; the message names them."""
@@ -29,32 +31,7 @@ class DataError(RuntimeError):
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
-# MD5 of the decompressed IDX files, as published with the datasets.
-IDX_MD5 = {
-    "MNIST": {
-        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-    },
-    "FashionMNIST": {
-        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-    },
-}
-IDX_CLASSES = {
-    "MNIST": [str(i) for i in range(10)],
-    "KMNIST": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
-    "FashionMNIST": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                     "Ankle boot"],
-}
-IDX_SIZES = {"train": 60000, "test": 10000}
-CIFAR_SIZES = {"train": 50000, "test": 10000}
-
-
-def read_digits(_folder: Path | None = None) -> dict:
+def read_digits(_folder: Path | None = None, _name: str = "digits") -> dict:
     """scikit-learn's bundled UCI handwritten digits: 1,797 real 8x8 images, 16 grey levels.
 
     A fixed stratified 75/25 split (random_state=0), so every machine sees the same test set.
@@ -68,31 +45,20 @@ def read_digits(_folder: Path | None = None) -> dict:
     idx = np.arange(len(labels))
     train_idx, test_idx = train_test_split(idx, test_size=0.25, stratify=labels, random_state=0)
     as_split = lambda i: (torch.from_numpy(images[i].copy()), torch.from_numpy(labels[i].copy()))  # noqa: E731
-    return {"train": as_split(train_idx), "test": as_split(test_idx), "classes": [str(i) for i in range(10)]}
+    return {"train": as_split(train_idx), "test": as_split(test_idx), "classes": list(catalog.DATASETS["digits"].classes)}
 
 
-# The published MD5s of the released .gz files (torchvision's download lists): the check for a
-# dataset whose decompressed MD5s were never published (KMNIST).
-IDX_GZ_MD5 = {
-    "KMNIST": {
-        "train-images-idx3-ubyte": "bdb82020997e1d708af4cf47b453dcf7",
-        "train-labels-idx1-ubyte": "e144d726b3acfaa3e44228e80efcd344",
-        "t10k-images-idx3-ubyte": "5c965bf0a639b31b8f53240b1b52f4d7",
-        "t10k-labels-idx1-ubyte": "7320c461ea6c1c855c0b718fb2a4b134",
-    },
-}
-
-
-def _idx_limit(stem: str) -> int:
+def _idx_limit(name: str, stem: str) -> int:
     """The most bytes an official IDX file of this kind holds: a file, or a gzip stream inflating
     (a gzip bomb), beyond it is refused before anything that size is allocated."""
-    n = max(IDX_SIZES.values())
-    return 16 + n * 28 * 28 if "images" in stem else 8 + n
+    entry = catalog.DATASETS[name]
+    n = max(entry.split_sizes.values())
+    return 16 + n * entry.shape[1] * entry.shape[2] if "images" in stem else 8 + n
 
 
-def _open_idx(folder: Path, stem: str) -> tuple[bytes, Path, bytes | None]:
+def _open_idx(folder: Path, name: str, stem: str) -> tuple[bytes, Path, bytes | None]:
     """(decompressed bytes, path, the .gz file's own bytes or None for a plain file)."""
-    limit = _idx_limit(stem)
+    limit = _idx_limit(name, stem)
     for name in (stem, stem + ".gz"):
         path = folder / name
         if not path.is_file():
@@ -132,12 +98,13 @@ def _check_md5(name: str, stem: str, path: Path, raw: bytes, packed: bytes | Non
     """The published checksum of the decompressed file where known (whatever its compression),
     else of the released .gz file: a dataset with published checksums accepts no file it cannot
     check (that error is returned, for the caller to raise once the structure is judged)."""
-    want = IDX_MD5.get(name, {}).get(stem)
+    entry = catalog.DATASETS[name]
+    want = entry.md5.get(stem)
     if want:
         if (got := hashlib.md5(raw).hexdigest()) != want:
             raise DataError(f"{path}: MD5 {got} != published {want}; re-download it")
         return None
-    want = IDX_GZ_MD5.get(name, {}).get(stem)
+    want = entry.gz_md5.get(stem)
     if not want:
         return None
     if packed is None:
@@ -150,13 +117,15 @@ def _check_md5(name: str, stem: str, path: Path, raw: bytes, packed: bytes | Non
 
 def read_idx(folder: Path, name: str) -> dict:
     """MNIST / Fashion-MNIST / KMNIST in the official IDX layout, gzip-compressed or not."""
-    out: dict = {"classes": IDX_CLASSES[name]}
+    entry = catalog.DATASETS[name]
+    sizes, classes, (_, h, w) = entry.split_sizes, list(entry.classes), entry.shape
+    out: dict = {"classes": classes}
     unverifiable: list[DataError] = []
     for split, prefix in (("train", "train"), ("test", "t10k")):
         arrays = []
         for kind, ndim in (("images-idx3-ubyte", 3), ("labels-idx1-ubyte", 1)):
             stem = f"{prefix}-{kind}"
-            raw, path, packed = _open_idx(folder, stem)
+            raw, path, packed = _open_idx(folder, name, stem)
             # Structure first (wrong magic / truncated say so precisely), then the published checksum.
             arrays.append(_parse_idx(raw, path, ndim))
             if (error := _check_md5(name, stem, path, raw, packed)) is not None:
@@ -164,14 +133,14 @@ def read_idx(folder: Path, name: str) -> dict:
         images, labels = arrays
         if len(images) != len(labels):
             raise DataError(f"{folder}: {split} has {len(images)} images but {len(labels)} labels")
-        if len(images) != IDX_SIZES[split]:
-            raise DataError(f"{folder}: {split} has {len(images)} images, expected the official {IDX_SIZES[split]}"
+        if len(images) != sizes[split]:
+            raise DataError(f"{folder}: {split} has {len(images)} images, expected the official {sizes[split]}"
                             f" ({prefix}-* files swapped or not the official release?)")
-        if labels.size and int(labels.max()) >= len(IDX_CLASSES[name]):
+        if labels.size and int(labels.max()) >= len(classes):
             raise DataError(f"{folder}: {split} labels go up to {int(labels.max())}, "
-                            f"expected 0..{len(IDX_CLASSES[name]) - 1}")
-        if images.shape[1:] != (28, 28):
-            raise DataError(f"{folder}: {split} images are {images.shape[1:]}, expected 28x28")
+                            f"expected 0..{len(classes) - 1}")
+        if images.shape[1:] != (h, w):
+            raise DataError(f"{folder}: {split} images are {images.shape[1:]}, expected {h}x{w}")
         out[split] = (torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)))
     if unverifiable:  # after the structure of all four, which says more about a broken set
         raise unverifiable[0]
@@ -202,7 +171,7 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def _cifar_batches_dir(folder: Path, name: str) -> Path | None:
-    sub = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}[name]
+    sub = catalog.DATASETS[name].archive_folder
     for cand in (folder / sub, folder):
         marker = "test_batch" if name == "CIFAR10" else "test"
         if (cand / marker).is_file():
@@ -212,12 +181,13 @@ def _cifar_batches_dir(folder: Path, name: str) -> Path | None:
 
 def read_cifar(folder: Path, name: str) -> dict:
     """CIFAR-10/100 as the python pickle batches, or an image folder ``train|test/<class>/*``."""
+    entry = catalog.DATASETS[name]
     batches = _cifar_batches_dir(folder, name)
     if batches is None:
         if (folder / "train").is_dir() and (folder / "test").is_dir():
             return _check_named(read_image_folder(folder), folder, name)
         raise DataError(
-            f"{folder}: no CIFAR data; expected {'cifar-10-batches-py/' if name == 'CIFAR10' else 'cifar-100-python/'}"
+            f"{folder}: no CIFAR data; expected {entry.archive_folder}/"
             f" (the python batches) or train/ and test/ image folders; `imgclf data {name.lower()} --from ARCHIVE`"
             " prepares them"
         )
@@ -225,12 +195,12 @@ def read_cifar(folder: Path, name: str) -> dict:
         files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
         label_key = "labels"
         meta = _unpickle(batches / "batches.meta") if (batches / "batches.meta").is_file() else {}
-        classes = meta.get("label_names") or [str(i) for i in range(10)]
+        classes = meta.get("label_names") or [str(i) for i in range(entry.n_classes)]
     else:
         files = {"train": ["train"], "test": ["test"]}
         label_key = "fine_labels"
         meta = _unpickle(batches / "meta") if (batches / "meta").is_file() else {}
-        classes = meta.get("fine_label_names") or [str(i) for i in range(100)]
+        classes = meta.get("fine_label_names") or [str(i) for i in range(entry.n_classes)]
     out: dict = {"classes": list(classes)}
     for split, names in files.items():
         images, labels = [], []
@@ -252,8 +222,8 @@ def read_cifar(folder: Path, name: str) -> dict:
             images.append(data.reshape(-1, 3, 32, 32))
             labels.append(lab)
         x, y = np.concatenate(images), np.concatenate(labels)
-        if len(x) != CIFAR_SIZES[split]:
-            raise DataError(f"{batches}: {split} has {len(x)} images, expected {CIFAR_SIZES[split]}")
+        if len(x) != entry.split_sizes[split]:
+            raise DataError(f"{batches}: {split} has {len(x)} images, expected {entry.split_sizes[split]}")
         out[split] = (torch.from_numpy(x), torch.from_numpy(y))
     return out
 
@@ -264,16 +234,17 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 def _check_named(out: dict, folder: Path, name: str) -> dict:
     """An image folder standing for a named dataset must be that dataset: its image shape, its
     class count and its official split sizes (a 2-class 4x4 folder is not CIFAR-10)."""
-    n_classes = 10 if name == "CIFAR10" else 100
-    if len(out["classes"]) != n_classes:
-        raise DataError(f"{folder}: {len(out['classes'])} class folders, but {name} has {n_classes}")
+    entry = catalog.DATASETS[name]
+    if len(out["classes"]) != entry.n_classes:
+        raise DataError(f"{folder}: {len(out['classes'])} class folders, but {name} has {entry.n_classes}")
     for split in ("train", "test"):
         images = out[split][0]
-        if tuple(images.shape[1:]) != (3, 32, 32):
+        if tuple(images.shape[1:]) != entry.shape:
             raise DataError(f"{folder / split}: images are {'x'.join(map(str, images.shape[1:]))}, but {name}'s "
-                            "are 3x32x32")
-        if len(images) != CIFAR_SIZES[split]:
-            raise DataError(f"{folder / split}: {len(images)} images, expected {name}'s official {CIFAR_SIZES[split]}")
+                            f"are {'x'.join(map(str, entry.shape))}")
+        if len(images) != entry.split_sizes[split]:
+            raise DataError(f"{folder / split}: {len(images)} images, expected {name}'s official "
+                            f"{entry.split_sizes[split]}")
     return out
 
 

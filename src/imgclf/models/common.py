@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from imgclf import catalog
+
 
 INIT_MODES = ("kaiming_fan_out", "kaiming_fan_in")
 
@@ -26,16 +28,17 @@ def initialize_weights(model: nn.Module, init_mode: str = "kaiming_fan_out") -> 
             nn.init.zeros_(m.bias)
 
 
-def blocks_per_stage(depth: int, block_type: str, n_stages: int = 3, family: str = "model") -> int:
-    """CIFAR-style depth = n_stages * n_blocks * layers_per_block + 2."""
-    per_block = {"basic": 2, "bottleneck": 3}[block_type]
-    n, rem = divmod(depth - 2, n_stages * per_block)
+def blocks_per_stage(depth: int, block_type: str, family: str) -> int:
+    """n of the family's depth rule, depth = a * n + b (its catalog entry's, which resolution
+    checks too): the units per stage of the CIFAR-style networks."""
+    rules = catalog.MODELS[family].depth_rules
+    a, b = rules.get(block_type) or rules[""]
+    n, rem = divmod(depth - b, a)
     if rem or n < 1:
-        valid = ", ".join(str(n_stages * per_block * k + 2) for k in (1, 2, 3, 9, 18))
-        raise ValueError(
-            f"model.{family}.depth: {depth} does not fit block_type '{block_type}' "
-            f"(need depth = {n_stages * per_block}n + 2, e.g. {valid})"
-        )
+        valid = ", ".join(str(a * k + b) for k in (1, 2, 3, 9, 18))
+        fit = f"does not fit block_type '{block_type}' (need depth = {a}n + {b}, " if block_type else \
+            f"is not {a}n+{b} ("
+        raise ValueError(f"model.{family}.depth: {depth} {fit}e.g. {valid})")
     return n
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import global_pool
+from .common import blocks_per_stage, global_pool
 from .registry import register
 
 
@@ -71,12 +71,7 @@ class DenseNet(nn.Module):
     def __init__(self, depth: int, block_type: str, growth_rate: int, drop_rate: float, compression_rate: float,
                  in_channels: int, n_classes: int):
         super().__init__()
-        per_layer = {"basic": 1, "bottleneck": 2}[block_type]
-        n, rem = divmod(depth - 4, 3 * per_layer)
-        if rem or n < 1:
-            examples = ", ".join(str(3 * per_layer * k + 4) for k in (1, 2, 4, 16))
-            raise ValueError(f"model.densenet.depth: {depth} does not fit block_type '{block_type}' "
-                             f"(need depth = {3 * per_layer}n + 4, e.g. {examples})")
+        n = blocks_per_stage(depth, block_type, family="densenet")
         if not 0.0 < compression_rate <= 1.0:
             raise ValueError(f"model.densenet.compression_rate: must be in (0, 1], got {compression_rate}")
         if growth_rate < 1:

@@ -52,8 +52,8 @@ class SEBottleneckUnit(_SEMixin, BottleneckUnit):
     pass
 
 
-# The reference's SE network has its own initializer, fan_out whatever model.init_mode says.
-@register("se_resnet_preact", init_mode="kaiming_fan_out")
+# Initialized fan_out whatever model.init_mode says: the catalog entry's init_mode.
+@register("se_resnet_preact")
 def se_resnet_preact(*, depth=110, block_type="basic", initial_channels=16, se_reduction=16,
                      preact_stage=(True, True, True), remove_first_relu=False, add_last_bn=False,
                      in_channels=3, n_classes=10):

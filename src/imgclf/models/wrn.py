@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import global_pool
+from .common import blocks_per_stage, global_pool
 from .registry import register
 
 
@@ -43,9 +43,7 @@ class WideResNet(nn.Module):
     def __init__(self, depth: int, widening_factor: int, initial_channels: int, drop_rate: float,
                  in_channels: int, n_classes: int):
         super().__init__()
-        n, rem = divmod(depth - 4, 6)
-        if rem or n < 1:
-            raise ValueError(f"model.wrn.depth: {depth} is not 6n+4 (e.g. 10, 16, 22, 28, 40)")
+        n = blocks_per_stage(depth, "", family="wrn")
         if widening_factor < 1:
             raise ValueError(f"model.wrn.widening_factor: must be >= 1, got {widening_factor}")
         if not 0.0 <= drop_rate < 1.0:

@@ -32,7 +32,7 @@ from typing import Any
 
 from imgclf import config as C
 from imgclf.launch.resources import problem as resource_problem
-from imgclf.runs import run_id
+from imgclf.runs import preflight, run_id
 from imgclf.utils import clip
 
 ROW_KEYS = {"id", "label", "recipe", "overrides", "cells", "resources", "reported", "train", "seeds"}
@@ -183,6 +183,10 @@ def _row(raw: Any, i: int, where: str, seen: set[str], table: Table, recipes_dir
         cfg.train.dist.world_size = ranks
     row.config = cfg
     if train:
+        try:
+            preflight(cfg, build=False)  # torch-free: `snakemake -n` refuses a row whose job could never run
+        except C.ConfigError as e:
+            raise SpecError(f"{at}{e}") from None
         row.run_id = run_id(cfg)
     return row
 
