@@ -140,3 +140,8 @@ def test_the_scheduler_steps_through_the_per_step_closed_form(kw):
         lr.step()
     assert seen == [0.3 * plan.factor(s) for s in range(75)]
     assert plan.factors(torch.arange(75)).tolist() == [plan.factor(s) for s in range(75)]
+
+
+def test_an_sgdr_t_mul_that_overflows_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"scheduler.T_mul: 1e\+308 makes an SGDR cycle infinitely long"):
+        SchedulePlan.from_config(sched(type="sgdr", epochs=100, T0=10, T_mul=1e308), 1)

@@ -139,7 +139,10 @@ class SchedulePlan:
             # ones are listed (at most a few dozen unless T_mul is barely above 1)
             cycles, total = [sched.T0], sched.T0
             while total < sched.epochs - warmup_epochs:
-                nxt = max(int(cycles[-1] * sched.T_mul), 1)
+                grown = cycles[-1] * sched.T_mul
+                if math.isinf(grown):
+                    raise ValueError(f"scheduler.T_mul: {sched.T_mul} makes an SGDR cycle infinitely long")
+                nxt = max(int(grown), 1)
                 if nxt == cycles[-1]:
                     break
                 cycles.append(nxt)
