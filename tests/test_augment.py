@@ -198,7 +198,8 @@ def test_cutmix_targets_equal_pasted_pixel_fractions(alpha):
     assert seen_partial
 
 
-def test_ricap_targets_equal_patch_areas_and_crops_are_contiguous():
+@pytest.mark.parametrize("mode", ["per_batch", "per_sample"])
+def test_ricap_targets_equal_patch_areas_and_crops_are_contiguous(mode):
     n, size = 16, 12
     idx = torch.arange(n).view(n, 1, 1) * 10000 + torch.arange(size).view(1, size, 1) * 100 + torch.arange(size)
     x = idx.float().unsqueeze(1).repeat(1, 2, 1, 1)
@@ -206,7 +207,7 @@ def test_ricap_targets_equal_patch_areas_and_crops_are_contiguous():
     g = gen(10)
     offsets = set()
     for _ in range(30):
-        xm, ym = ricap(x, y, beta=0.3, generator=g)
+        xm, ym = ricap(x, y, beta=0.3, generator=g, offsets=mode)
         assert torch.allclose(ym.sum(1), torch.ones(n))
         assert torch.equal(xm[:, 0], xm[:, 1])
         code = xm[:, 0].long()
@@ -221,7 +222,10 @@ def test_ricap_targets_equal_patch_areas_and_crops_are_contiguous():
             for value in torch.unique(src_id[i]):
                 rectangle(src_id[i] == value)
             offsets.add(tuple(dr[i].flatten().tolist()))
-    assert len(offsets) > 30, "crop offsets are drawn per sample"
+        if mode == "per_batch":  # one crop offset per region for the whole batch
+            assert torch.equal(dr, dr[:1].expand_as(dr)) and torch.equal(dc, dc[:1].expand_as(dc))
+    if mode == "per_sample":
+        assert len(offsets) > 30, "crop offsets are drawn per sample"
 
 
 def test_ricap_keeps_memory_format():

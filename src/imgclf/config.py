@@ -82,6 +82,12 @@ class DistConfig:
     # every rank (its collator ran per process from identically seeded RNGs); False = one mix of
     # the global batch, so N ranks compute what one process does
     mixer_per_rank: bool = False
+    # True = each rank augments only its own shard (crop, flip, Cutout, random erasing), drawing from
+    # the step's generator as one process does for its whole batch, so every rank draws the same
+    # parameters for the same position in its shard (the reference's DataLoader workers were seeded
+    # alike on every rank); False = the global batch is augmented once and sharded, so N ranks
+    # compute what one process does
+    augment_per_rank: bool = False
 
 
 @dataclass
@@ -191,6 +197,10 @@ class SchedulerConfig:
     lr_min_factor: float = 0.001
     T0: int = 10
     T_mul: float = 1.0
+    # True = optimizer step s runs at the lr of step s + 1 (the 2019 train.py stepped its scheduler
+    # before each update: a multistep milestone lowers the lr from the first step of its epoch, and
+    # the last step reaches the cosine's floor); False = the later code's (step s at step s's lr)
+    step_before_update: bool = False
 
 
 @dataclass
@@ -236,6 +246,9 @@ class MixupConfig:
 @dataclass
 class RICAPConfig:
     beta: float = 0.3
+    # per_batch: one crop offset per region for the whole batch (the RICAP authors' code and the
+    # reference's collator); per_sample: one per sample and region (same distribution per sample)
+    offsets: str = "per_batch"
 
 
 @dataclass
@@ -312,6 +325,9 @@ PRECISION_ALIASES = {"O0": "fp32", "O1": "amp", "O2": "fp16_master", "O3": "fp16
 # truth). train.eval_period is the speed-path issue's name for the reference's train.val_period.
 KEY_ALIASES = {"train.eval_period": "train.val_period"}
 PRECISIONS = ("fp32", "tf32", "amp", "bf16", "fp16", "fp16_master")
+# The most optimizer steps a run may take (scheduler.epochs x steps per epoch): about 30 years at
+# 1,000 steps/s, so never a real run; it keeps a typo such as 10^8 epochs from being planned.
+MAX_TOTAL_STEPS = 10**9
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # Every int is read into a C integer somewhere (torch seeds are int64, shapes int32): bounded
 # here, at resolution, not by an overflow deep inside a job.
@@ -378,6 +394,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler.warmup.type": ("none", "linear", "exponential"),
     "augmentation.random_crop.padding_mode": ("constant", "edge", "reflect"),
     "train.epoch_augmentation_draws": ("per_step", "batched"),
+    "augmentation.ricap.offsets": ("per_batch", "per_sample"),
     "train.dist.backend": ("auto", "nccl", "gloo"),
     "train.on_divergence": ("stop", "rollback"),
 }
@@ -659,6 +676,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.epoch_augmentation_draws: batched needs train.epoch_augmentation True "
                           "(or per_step)")
     _check_limits(cfg)
+    if cfg.train.dist.augment_per_rank and not cfg.train.dist.mixer_per_rank:
+        raise ConfigError("train.dist.augment_per_rank: needs train.dist.mixer_per_rank True (a rank that "
+                          "augments only its shard cannot mix the global batch)")
+    if cfg.train.dist.augment_per_rank and cfg.train.epoch_augmentation_draws == "batched":
+        raise ConfigError("train.dist.augment_per_rank: needs train.epoch_augmentation_draws per_step")
     for key, bounds in RANGES.items():
         _check_range(key, get_key(cfg, key), bounds)
     _check_model(cfg)
@@ -692,6 +714,20 @@ def validate(cfg: Config) -> None:
     _check_validation_set(cfg.train)
     if cfg.scheduler.type == "multistep" and sorted(cfg.scheduler.milestones) != cfg.scheduler.milestones:
         raise ConfigError(f"scheduler.milestones: must be increasing, got {cfg.scheduler.milestones}")
+    _check_total_steps(cfg)
+
+
+def _check_total_steps(cfg: Config) -> None:
+    """scheduler.epochs x steps per epoch within MAX_TOTAL_STEPS (steps per epoch from the named
+    dataset's training set and train.batch_size, as the loader makes them)."""
+    size = catalog.DATASETS[cfg.dataset.name].split_sizes["train"]
+    batch = cfg.train.batch_size
+    per_epoch = max(size // batch if cfg.train.dataloader.drop_last else -(-size // batch), 1)
+    if cfg.scheduler.epochs * per_epoch > MAX_TOTAL_STEPS:
+        raise ConfigError(f"scheduler.epochs: {clip(cfg.scheduler.epochs)} epochs x {per_epoch:,} steps per epoch "
+                          f"({cfg.dataset.name}'s {size:,} training images / train.batch_size {batch}) = "
+                          f"{cfg.scheduler.epochs * per_epoch:,} optimizer steps, more than the limit of "
+                          f"{MAX_TOTAL_STEPS:,}")
 
 
 def _check_validation_set(train: TrainConfig) -> None:
@@ -798,6 +834,9 @@ NON_SEMANTIC = ("train.seed", "train.output_dir", "train.resume", "train.checkpo
                 "train.epoch_augmentation", "train.epoch_augmentation_max_gb", "train.capturable_step",
                 "train.epoch_augmentation_draws")
 
+# Options whose default (False) leaves the run id as it was before the option existed.
+HASHED_WHEN_TRUE = ("scheduler.step_before_update", "train.dist.augment_per_rank")
+
 
 def config_hash(cfg: Config, length: int = 8) -> str:
     """A short hash of everything that decides the result, seed and paths excluded."""
@@ -813,6 +852,11 @@ def config_hash(cfg: Config, length: int = 8) -> str:
     if cfg.train.epoch_augmentation_draws != "per_step":
         # Other draws, other numbers: a run id of its own (per_step, the default, keeps every id).
         kept["train.epoch_augmentation_draws"] = cfg.train.epoch_augmentation_draws
+    for key in HASHED_WHEN_TRUE:
+        if not kept[key]:  # off, the default: every run that never set it keeps its id
+            del kept[key]
+    if not cfg.augmentation.use_ricap:
+        del kept["augmentation.ricap.offsets"]  # decides nothing without RICAP
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:length]
 
 

@@ -3,6 +3,11 @@
 Mixup, CutMix, RICAP and label smoothing all produce a target distribution per
 sample, so one soft-target cross-entropy serves all four. Dual-cutout adds a
 consistency term between the two views' logits.
+
+Deviation from the reference (Label smoothing with a mixer): the reference's loss
+keeps only the first of mixup > RICAP > CutMix > label smoothing > Dual-Cutout;
+here label smoothing composes with a mixer (the smoothed targets are mixed) and with
+Dual-Cutout. No table row combines two.
 """
 from __future__ import annotations
 

@@ -234,19 +234,27 @@ def _first_switch(lines: torch.Tensor, size: int) -> np.ndarray:
     return (first.min(1).values % size).numpy()
 
 
-def test_ricap_boundaries_and_weights(ref, monkeypatch):
+def test_ricap_boundaries_offsets_and_weights(ref, monkeypatch):
+    """Boundaries, crop offsets and label weights; the offsets are one joint draw per region for the
+    whole batch (augmentation.ricap.offsets per_batch, as the reference's collator)."""
     from pytorch_image_classification.collators.ricap import ricap as ref_ricap
 
     monkeypatch.setattr(np, "int", int, raising=False)  # the reference's np.int, gone in numpy >= 1.24
+    draws = []  # the reference's randint calls: x0, y0 of each region in turn
+    randint = np.random.randint
+    monkeypatch.setattr(np.random, "randint", lambda *a, **k: draws.append(randint(*a, **k)) or draws[-1])
     size, batch, beta = 32, 8, 0.3
     np.random.seed(0)
     torch.manual_seed(0)
-    theirs = []
+    theirs, their_x0 = [], []
     for _ in range(N):
+        draws.clear()
         _, (_, weights) = ref_ricap((torch.zeros(batch, 1, size, size), torch.arange(batch)), beta)
         w0 = round(size * (weights[0] + weights[2]))
         h0 = round(size * (weights[0] + weights[1]))
         theirs.append((w0 % size, h0 % size))
+        if w0 % size and h0 % size:  # the top-left region is there and not the whole image
+            their_x0.append(draws[0])
     # our images carry (source sample, row, column): within one patched region, (sample, row - r,
     # column - c) is constant
     r, c = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
@@ -254,11 +262,15 @@ def test_ricap_boundaries_and_weights(ref, monkeypatch):
                      r.float().expand(batch, -1, -1), c.float().expand(batch, -1, -1)], dim=1)
     y = torch.eye(batch)
     g = _gen(4)
-    top_rows, left_cols = [], []
+    top_rows, left_cols, corners = [], [], []
     for k in range(N):
         xm, ym = ricap(x, y, beta=beta, generator=g)
         top_rows.append(xm[:, :, 0, :])
         left_cols.append(xm[:, :, :, 0])
+        corners.append(xm[0, 2, 0, 0])  # the top-left region's crop offset x0 (when the region is there)
+        # (row - r, column - c) is a region's crop offset less its position: equal across the batch
+        shift = xm[:, 1:] - torch.stack([r, c]).float()
+        assert torch.equal(shift, shift[:1].expand_as(shift)), f"draw {k}: crop offsets differ within the batch"
         if k < 200:  # weights: every source image's share of the pixels
             share = torch.zeros(batch, batch).scatter_add_(1, xm[:, 0].flatten(1).long(),
                                                            torch.full((batch, size * size), 1 / size**2))
@@ -271,6 +283,25 @@ def test_ricap_boundaries_and_weights(ref, monkeypatch):
     theirs = np.array(theirs)
     same_discrete(w, theirs[:, 0], "ricap boundary w (0 and W merged)")
     same_discrete(h, theirs[:, 1], "ricap boundary h (0 and H merged)")
+    ours_x0 = torch.stack(corners).long().numpy()[(w > 0) & (h > 0)]
+    same_discrete(ours_x0, np.array(their_x0), "ricap top-left crop offset x0")
+
+
+def test_ricap_per_sample_offsets_are_the_named_alternative():
+    """augmentation.ricap.offsets per_sample: every sample draws its own crop offsets (same
+    per-sample distribution); the table rows use per_batch."""
+    size, batch = 32, 64
+    r, c = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    x = torch.stack([torch.zeros(batch, size, size), r.float().expand(batch, -1, -1),
+                     c.float().expand(batch, -1, -1)], dim=1)
+    y = torch.eye(batch)
+    spread = []
+    for k in range(50):
+        xm, _ = ricap(x, y, beta=0.3, generator=_gen(k), offsets="per_sample")
+        spread.append(int((xm[:, 2, 0, 0] - c[0, 0]).unique().numel()))
+    assert max(spread) > 1  # some batch has distinct offsets in the top-left region
+    with pytest.raises(ValueError, match="augmentation.ricap.offsets"):
+        ricap(x, y, beta=0.3, generator=_gen(0), offsets="per_pixel")
 
 
 # --------------------------------------------------------------------------- multi-GPU rows
@@ -327,3 +358,74 @@ def test_per_rank_ricap_mixes_each_shard_alone_with_the_same_draws():
     assert all(torch.equal(t, local[0]) for t in local[1:])  # the same draws on every rank
     whole = transform(images, labels, _gen(7))
     assert not any(torch.equal(whole.targets[r::world][:, labels[r::world]], local[r]) for r in range(world))
+
+
+def _per_rank_draws(rank: int, run: str, port: int, out: str) -> None:
+    """One gloo rank: the Trainer's augmented batch of epoch 0, step 0 for a global batch of one
+    position-coded image repeated, so equal outputs mean equal crop, flip and Cutout draws."""
+    import os
+
+    import torch.distributed as dist
+
+    from imgclf.engine import Trainer
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = Trainer(run, progress=False)
+    try:
+        batch = trainer._augment(0, _probe_images(), torch.arange(16) % 10)
+        torch.save(batch.images, os.path.join(out, f"rank{rank}.pt"))
+        t = trainer.train_transform
+        torch.save((t.mean, t.std), os.path.join(out, "normalization.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # other test runs on this machine hold fixed ports
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _probe_images(n: int = 16) -> torch.Tensor:
+    return (torch.arange(64, dtype=torch.uint8) * 3 + 1).view(1, 1, 8, 8).expand(n, -1, -1, -1).contiguous()
+
+
+@pytest.mark.parametrize("per_rank", [True, False])
+def test_multi_gpu_ranks_draw_the_same_augmentation_for_the_same_shard_position(tmp_path, per_rank):
+    """train.dist.augment_per_rank (the multi-GPU rows): under 2-rank DDP every rank draws the same
+    crop, flip and Cutout for the same position in its shard, as the reference's identically seeded
+    DataLoader workers did, and each rank's batch is what one process draws for a batch of the
+    shard's size. Off (the default), the global batch is augmented once and sharded."""
+    import torch.multiprocessing as mp
+
+    from imgclf import config as C, runs
+    from imgclf.augment.pipeline import TrainTransform
+    from imgclf.data import derive_seed
+    from oracle import RECIPES
+
+    for row in _multi_gpu_rows():  # the rows that ran on several GPUs set it
+        assert row.config.train.dist.augment_per_rank is row.config.train.distributed, row.id
+    options = {"model.resnet_preact.depth": 8, "model.resnet_preact.initial_channels": 8, "train.batch_size": 16,
+               "scheduler.epochs": 1, "augmentation.use_random_crop": True, "augmentation.random_crop.padding": 2,
+               "augmentation.use_cutout": True, "augmentation.cutout.mask_size": 4, "augmentation.cutout.prob": 0.5,
+               "augmentation.use_ricap": True, "train.dist.mixer_per_rank": True,
+               "train.dist.augment_per_rank": per_rank}
+    cfg = C.build(RECIPES / "digits" / "resnet_preact.yaml", options)
+    run = runs.prepare(cfg, tmp_path / "run", resume=True)
+    mp.spawn(_per_rank_draws, args=(str(run), _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert rank0.shape == rank1.shape == (8, 1, 8, 8)
+    if not per_rank:
+        assert not torch.equal(rank0, rank1)
+        return
+    assert torch.equal(rank0, rank1)
+    # what one process draws for a batch of the shard's size from the step's generator
+    mean, std = torch.load(tmp_path / "normalization.pt", weights_only=True)
+    one = TrainTransform(cfg.augmentation, mean.tolist(), std.tolist(), 10, 8, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, 0, 0))
+    expected = one.per_batch(one.per_sample(_probe_images(8), gen), torch.arange(8) % 10, gen).images
+    assert torch.equal(rank0, expected)

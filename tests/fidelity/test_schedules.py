@@ -5,6 +5,10 @@ Rows are enumerated through imgclf's own table specs; rows with the same schedul
 epoch are compared once. The whole curve of a run (steps 0 .. epochs * steps_per_epoch) is
 compared as one array: ours from ``SchedulePlan.factors``, the reference's from its own pieces
 (oracle.reference_schedule_factors), which a spot check ties to its per-step ``__call__``.
+
+The batch-size, LARS and no-weight-decay-on-BN tables were trained by the reference's train.py of
+January 2019 (hysts/pytorch_image_classification at 1d76092), whose scheduler differs: those rows
+set ``scheduler.step_before_update`` and are compared with that code's schedule instead.
 """
 from __future__ import annotations
 
@@ -76,7 +80,7 @@ def _vectorised_reference(ref, cfg, spe, step):
 
 
 def dataclass_dict(sched):
-    return {k: getattr(sched, k) for k in SCHEDULE_KEYS} | {
+    return {k: getattr(sched, k) for k in SCHEDULE_KEYS + ("step_before_update",)} | {
         "warmup": {k: getattr(sched.warmup, k) for k in WARMUP_KEYS}}
 
 
@@ -84,10 +88,12 @@ def test_every_table_row_has_the_reference_lr_at_every_step(ref):
     seen: dict[str, tuple] = {}
     for _, row in _rows():
         cfg = row.config
+        if cfg.scheduler.step_before_update:
+            continue  # trained by the 2019 code: test_rows_of_the_2019_code_have_its_lr_at_every_step
         spe = TRAIN_SIZES[cfg.dataset.name] // cfg.train.batch_size  # drop_last, as both engines
         key = json.dumps([dataclass_dict(cfg.scheduler), spe], sort_keys=True)
         seen.setdefault(key, (cfg.scheduler, cfg.train.base_lr, spe))
-    assert len(seen) > 50  # every distinct schedule of ~365 rows
+    assert len(seen) > 10  # every distinct schedule of the rows the later code trained
     types = {s.type for s, _, _ in seen.values()}
     assert types == {"multistep", "cosine"}, types  # what the tables train; the rest is swept below
     for i, (sched, base_lr, spe) in enumerate(seen.values()):
@@ -153,3 +159,97 @@ def test_every_schedule_shape_matches_the_reference(ref, warmup, main):
     sched.epochs = warmup[1] + (75 if main.get("T_mul") == 2.0 else 160)
     for spe in (1, 7, 390):
         _compare(ref, sched, 0.4, spe, spot_checks=10 if spe == 7 else 0)
+
+
+# --------------------------------------------------------------------------- the 2019 train.py
+# The tables that the reference's train.py of January 2019 trained (the README's batch-size and
+# learning-rate experiments). Its schedule, from utils._get_scheduler and train.train at 1d76092:
+#   cosine:    LambdaLR(lambda step: cosine_annealing(step, epochs * steps_per_epoch, 1, lr_min / base_lr)),
+#              with --lr_min 0 by default, and scheduler.step() called BEFORE each optimizer step;
+#   multistep: MultiStepLR(milestones, lr_decay), scheduler.step(epoch - 1) (epoch 1-based) before
+#              each optimizer step.
+TABLES_OF_2019 = ("batch_size_lr_", "lars_", "no_weight_decay_on_bn_")
+
+
+def _cosine_annealing_2019(step, total_steps, lr_max, lr_min):
+    return lr_min + (lr_max - lr_min) * 0.5 * (1 + np.cos(step / total_steps * np.pi))
+
+
+def _factors_2019(sched: C.SchedulerConfig, spe: int, steps: np.ndarray) -> np.ndarray:
+    """The 2019 code's lr / base_lr at each optimizer step (0-based), in closed form."""
+    if sched.type == "cosine":
+        # LambdaLR's constructor takes step 0; the first update runs after one more step()
+        return _cosine_annealing_2019(steps + 1, sched.epochs * spe, 1, 0.0)
+    assert sched.type == "multistep", sched.type
+    # MultiStepLR at last_epoch = epoch - 1 = the 0-based epoch: gamma ** bisect_right(milestones, epoch0)
+    passed = np.searchsorted(np.array(sched.milestones), steps // spe, side="right")
+    return sched.lr_decay ** passed.astype(np.float64)
+
+
+def _simulate_2019(sched: C.SchedulerConfig, spe: int, base_lr: float) -> np.ndarray:
+    """The 2019 training loop's learning rate at each optimizer step, by running torch's own
+    schedulers as it did (ties :func:`_factors_2019` to the mechanics)."""
+    import warnings
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
+    total = sched.epochs * spe
+    if sched.type == "cosine":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: _cosine_annealing_2019(step, total, 1, 0.0 / base_lr))
+    else:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(sched.milestones),
+                                                         gamma=sched.lr_decay)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # step(epoch) and step-before-optimizer are deprecated usages
+        for epoch in range(1, sched.epochs + 1):
+            for _ in range(spe):
+                if sched.type == "cosine":
+                    scheduler.step()
+                else:
+                    scheduler.step(epoch - 1)
+                lrs.append(opt.param_groups[0]["lr"])
+    return np.array(lrs) / base_lr
+
+
+def _rows_of_2019():
+    return [(name, row) for name, row in _rows() if name.startswith(TABLES_OF_2019)]
+
+
+def test_rows_of_the_2019_code_have_its_lr_at_every_step():
+    rows = _rows_of_2019()
+    assert len(rows) > 150 and all(row.config.scheduler.step_before_update for _, row in rows)
+    # every other table was trained by the later code (the oracle's)
+    assert not any(row.config.scheduler.step_before_update for name, row in _rows()
+                   if not name.startswith(TABLES_OF_2019))
+    seen: dict[str, tuple] = {}
+    for _, row in rows:
+        cfg = row.config
+        spe = TRAIN_SIZES[cfg.dataset.name] // cfg.train.batch_size
+        key = json.dumps([dataclass_dict(cfg.scheduler), spe], sort_keys=True)
+        seen.setdefault(key, (cfg.scheduler, cfg.train.base_lr, spe))
+    assert {s.type for s, _, _ in seen.values()} == {"multistep", "cosine"}
+    for sched, _, spe in seen.values():
+        assert sched.warmup.type == "none" or sched.warmup.epochs == 0  # the 2019 code had no warmup
+        steps = np.arange(sched.epochs * spe)
+        ours = SchedulePlan.from_config(sched, spe).factors(torch.from_numpy(steps)).numpy()
+        theirs = _factors_2019(sched, spe, steps)
+        bad = np.flatnonzero(~np.isclose(ours, theirs, rtol=1e-9, atol=1e-12))
+        assert bad.size == 0, (f"{json.dumps(dataclass_dict(sched))} at {spe} steps/epoch: first differing step "
+                               f"{bad[0]}: ours {ours[bad[0]]!r}, the 2019 code's {theirs[bad[0]]!r}")
+
+
+@pytest.mark.parametrize("kind", ["cosine", "multistep"])
+def test_the_2019_closed_form_is_what_its_training_loop_ran(kind):
+    table = "batch_size_lr_linear_scaling_multistep" if kind == "multistep" else "lars_4096"
+    _, row = next((n, r) for n, r in _rows_of_2019() if n == table)
+    sched = row.config.scheduler
+    assert sched.type == kind
+    spe = TRAIN_SIZES[row.config.dataset.name] // row.config.train.batch_size
+    steps = np.arange(sched.epochs * spe)
+    np.testing.assert_allclose(_simulate_2019(sched, spe, row.config.train.base_lr),
+                               _factors_2019(sched, spe, steps), rtol=1e-12, atol=1e-15)
+    if kind == "multistep":  # a milestone lowers the lr from the first step of its epoch
+        m = sched.milestones[0] * spe
+        ours = SchedulePlan.from_config(sched, spe).factors(torch.tensor([m - 1, m]))
+        assert ours.tolist() == [1.0, sched.lr_decay]

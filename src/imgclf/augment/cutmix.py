@@ -20,6 +20,10 @@ def cutmix(x: Tensor, y: Tensor, *, alpha: float, generator: torch.Generator) ->
     the fraction of pixels that come from each image. The box spans
     [c - r//2, c - r//2 + r) like a cutout square; Algorithm A1's c ± r//2 is one
     pixel shorter for odd r. Because λ is recomputed, the labels are exact either way.
+
+    Deviation from the reference (CutMix label weight): the reference keeps the drawn λ
+    as the label weight, which differs from the box's share of pixels when the box is
+    clipped; here the weight is the share (the CutMix authors' code). No row uses CutMix.
     """
     n, _, height, width = x.shape
     device = x.device

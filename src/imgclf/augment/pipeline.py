@@ -90,7 +90,7 @@ class TrainTransform:
         elif a.use_ricap:
             from .ricap import ricap
 
-            x, y = ricap(x, y, beta=a.ricap.beta, generator=generator)
+            x, y = ricap(x, y, beta=a.ricap.beta, generator=generator, offsets=a.ricap.offsets)
         if a.use_dual_cutout:
             from .dual_cutout import dual_cutout_views
 

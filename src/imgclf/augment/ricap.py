@@ -9,7 +9,11 @@ from torch import Tensor
 from .mixup import sample_beta
 
 
-def ricap(x: Tensor, y: Tensor, *, beta: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+OFFSETS = ("per_batch", "per_sample")
+
+
+def ricap(x: Tensor, y: Tensor, *, beta: float, generator: torch.Generator,
+          offsets: str = "per_batch") -> tuple[Tensor, Tensor]:
     """Patch four crops from four permutations of the batch into each image; returns new ``(x, y)``.
 
     ``x`` is (N, C, H, W) float, ``y`` soft targets (N, K) float. The boundary
@@ -19,10 +23,14 @@ def ricap(x: Tensor, y: Tensor, *, beta: float, generator: torch.Generator) -> t
     uniform over the positions that keep the crop inside the source image. Targets
     are Σ_k (w_k·h_k / (W·H)) y_perm_k(i), the paper's area-weighted label mix.
 
-    Deviation: the paper's code draws one crop offset per region for the whole
-    batch; here every sample draws its own. Each sample's offset has the same
-    distribution, and the label weights are unchanged.
+    ``offsets`` (``augmentation.ricap.offsets``): ``per_batch`` draws one offset per
+    region for the whole batch, as the RICAP authors' code and the reference's collator
+    do (what the table rows run); ``per_sample`` draws one per sample and region: each
+    sample's offset has the same distribution, the batch sees more distinct crops, and
+    the label weights are unchanged.
     """
+    if offsets not in OFFSETS:
+        raise ValueError(f"augmentation.ricap.offsets: unknown value {offsets!r} (per_batch | per_sample)")
     n, _, height, width = x.shape
     device = x.device
     uv = sample_beta(beta, beta, (2,), generator=generator, device=device)
@@ -32,8 +40,8 @@ def ricap(x: Tensor, y: Tensor, *, beta: float, generator: torch.Generator) -> t
     ws = torch.stack([w, width - w, w, width - w])
     hs = torch.stack([h, h, height - h, height - h])
     perms = torch.stack([torch.randperm(n, generator=generator, device=device) for _ in range(4)])  # (4, N)
-    u = torch.rand(2, 4, n, generator=generator, device=device)
-    off_y = (u[0] * (height - hs + 1)[:, None]).long().clamp_max((height - hs)[:, None])  # (4, N)
+    u = torch.rand(2, 4, n if offsets == "per_sample" else 1, generator=generator, device=device)
+    off_y = (u[0] * (height - hs + 1)[:, None]).long().clamp_max((height - hs)[:, None])  # (4, N), or (4, 1) per batch
     off_x = (u[1] * (width - ws + 1)[:, None]).long().clamp_max((width - ws)[:, None])
 
     rows = torch.arange(height, device=device)

@@ -323,6 +323,8 @@ class Trainer:
             loss_total += loss.detach() / chunks
             correct += (pred_logits.argmax(1) == labels[sl]).sum()
         if cfg.train.gradient_clip > 0:
+            # Deviation from the reference (Gradient clipping with train.subdivision > 1): the
+            # threshold applies to the batch-mean gradient; the reference clips the sum of the chunks'.
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.gradient_clip)
         self.scaler.step(self.optimizer)
@@ -393,6 +395,12 @@ class Trainer:
         then only the mixer draws from it."""
         cfg = self.cfg
         gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.train.seed, self.epoch, step))
+        if cfg.train.dist.augment_per_rank and self.world_size > 1 and per_sample is None:
+            # as the reference's identically seeded workers: this rank's shard drawn as a whole batch,
+            # so every rank draws the same parameters for the same position; the mixer is per rank too
+            r, w = self.rank, self.world_size
+            x = self.train_transform.per_sample(images[r::w], gen)
+            return self.train_transform.per_batch(x, labels[r::w], gen)
         x = self.train_transform.per_sample(images, gen) if per_sample is None else per_sample
         if cfg.train.dist.mixer_per_rank and self.world_size > 1:  # as the reference's per-process collator
             return self.train_transform.per_batch(x, labels, gen, mix_shard=(self.rank, self.world_size))

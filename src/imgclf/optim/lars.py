@@ -22,7 +22,8 @@ Conventions chosen here (each differs from some published variant, hence the not
   A gradient that is exactly zero also gets ``local_lr = 1``; otherwise the
   ratio becomes ``1 / wd`` and a tensor the loss does not use would shrink by a
   factor ``(1 - lr)`` per step instead of ``(1 - lr * wd)``.
-  (The reference does not guard this case; no table row trains a tensor the loss ignores.)
+  Deviation from the reference (LARS on a tensor whose gradient is exactly zero): the
+  reference does not guard this case; no table row trains a tensor the loss ignores.
 * The global ``lr`` sits inside the momentum buffer with the local lr, as in
   the reference implementation whose LARS rows the tables reproduce (and the
   paper's Algorithm 1). ``torch.optim.SGD`` multiplies the buffer instead; the

@@ -7,8 +7,9 @@ scale and offset of activations rather than the model's capacity, so decaying
 them mostly shrinks activations instead of regularising (Goyal et al.,
 arXiv:1706.02677, sec. 5.1).
 
-This is the rule that produced the reference README's "no weight decay on BN"
-table: those runs (January 2019) used the reference's train.py of that time,
+Deviation from the reference (No weight decay on BN): this is the rule that
+produced the reference README's "no weight decay on BN" table: those runs
+(January 2019) used the reference's train.py of that time,
 which left out of weight decay exactly the parameters whose name contains
 ``bn`` (all BN layers of its models, the FC bias decayed). The later rewrite of
 that code (commit 993089a, the oracle in ``../shared/reference``) decays only

@@ -26,10 +26,11 @@ Warmup (Goyal et al., arXiv:1706.02677, sec. 2.2), ``t`` = step, ``W`` = warmup 
 
 * linear:       ``start_factor + (1 - start_factor) * t / W``, reaching 1 at ``W``
 * exponential:  ``start_factor + (1 - start_factor) * (t / W) ** exponent``, reaching 1 at ``W``.
-  The reference multiplies this by ``base_lr`` once more (its warmup piece is
-  built with ``base_lr`` inside a ``LambdaLR`` that applies it again), so its lr
-  during the warmup is ``base_lr**2 * (...)`` and jumps to ``base_lr`` at ``W``; a
-  bug, not reproduced. No table row uses an exponential warmup.
+  Deviation from the reference (Exponential warmup): the reference multiplies this
+  by ``base_lr`` once more (its warmup piece is built with ``base_lr`` inside a
+  ``LambdaLR`` that applies it again), so its lr during the warmup is
+  ``base_lr**2 * (...)`` and jumps to ``base_lr`` at ``W``; a bug, not reproduced.
+  No table row uses an exponential warmup.
 
 Main schedules, ``tau`` = steps since the warmup ended, ``L`` = main-schedule steps,
 ``m`` = ``lr_min_factor``:
@@ -48,10 +49,28 @@ Main schedules, ``tau`` = steps since the warmup ended, ``L`` = main-schedule st
 At and past the end (step ``scheduler.epochs * steps_per_epoch``, the value a
 finished scheduler holds) every curve holds its end value: ``lr_min_factor`` for
 linear, cosine and an SGDR cycle that ends with the run.
+
+``scheduler.step_before_update`` reproduces the reference's train.py of 2019, which
+trained the batch-size, LARS and no-weight-decay-on-BN tables: it stepped its scheduler
+before each optimizer step, so optimizer step ``s`` ran at the lr of step ``s + 1`` of
+the curve above. Its multistep (``MultiStepLR.step(epoch)``, milestones counted with
+``bisect_right``) thus lowers the lr from the first step of a milestone's epoch, one
+step earlier than the later code, and its cosine (a ``LambdaLR`` stepped before the
+update, floor ``--lr_min`` 0, which those rows set as ``lr_min_factor`` 0) reaches its
+floor on the last step.
+
+Cost: the factor at a step is a closed form in plain Python floats, evaluated when the
+step is taken: constant time and memory whatever the run's length (SGDR looks its
+cycle up among the cycles whose length still grows, O(log) of their number; once
+``int(T * T_mul)`` stops growing every later cycle has one length, found by a division).
+A run has at most ``config.MAX_TOTAL_STEPS`` optimizer steps, checked at config
+resolution and again here with the real steps per epoch.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -60,7 +79,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from imgclf.config import Config, SchedulerConfig
+from imgclf.config import MAX_TOTAL_STEPS, Config, SchedulerConfig
 
 
 @dataclass(frozen=True)
@@ -76,7 +95,9 @@ class SchedulePlan:
     milestone_steps: tuple[int, ...]
     lr_decay: float
     lr_min_factor: float
-    cycle_steps: tuple[int, ...]  # sgdr: the length of each cosine cycle
+    # sgdr: the lengths of the cosine cycles while they grow; every later cycle has the last length
+    cycle_steps: tuple[int, ...]
+    step_before_update: bool = False  # step s at the curve's step s + 1 (the 2019 train.py)
 
     @classmethod
     def from_config(cls, sched: SchedulerConfig, steps_per_epoch: int) -> SchedulePlan:
@@ -108,11 +129,24 @@ class SchedulePlan:
                 raise ValueError(f"scheduler.T_mul: must be >= 1, got {sched.T_mul}")
         if sched.type == "multistep" and list(sched.milestones) != sorted(sched.milestones):
             raise ValueError(f"scheduler.milestones: must be increasing, got {sched.milestones}")
+        if sched.epochs * steps_per_epoch > MAX_TOTAL_STEPS:
+            raise ValueError(f"scheduler.epochs {sched.epochs} x {steps_per_epoch} steps per epoch (the training "
+                             f"set / train.batch_size) = {sched.epochs * steps_per_epoch:,} optimizer steps, more "
+                             f"than the limit of {MAX_TOTAL_STEPS:,}")
         cycles: list[int] = []
         if sched.type == "sgdr":
-            cycles = [sched.T0]
-            while sum(cycles) < sched.epochs - warmup_epochs:
-                cycles.append(max(int(cycles[-1] * sched.T_mul), 1))
+            # int(T * T_mul) >= T: the lengths grow until one repeats, then stay; only the growing
+            # ones are listed (at most a few dozen unless T_mul is barely above 1)
+            cycles, total = [sched.T0], sched.T0
+            while total < sched.epochs - warmup_epochs:
+                grown = cycles[-1] * sched.T_mul
+                if math.isinf(grown):
+                    raise ValueError(f"scheduler.T_mul: {sched.T_mul} makes an SGDR cycle infinitely long")
+                nxt = max(int(grown), 1)
+                if nxt == cycles[-1]:
+                    break
+                cycles.append(nxt)
+                total += nxt
         return cls(
             warmup_type=w.type if warmup_epochs > 0 else "none",
             warmup_steps=warmup_epochs * steps_per_epoch,
@@ -124,46 +158,55 @@ class SchedulePlan:
             lr_decay=float(sched.lr_decay),
             lr_min_factor=float(sched.lr_min_factor),
             cycle_steps=tuple(c * steps_per_epoch for c in cycles),
+            step_before_update=bool(sched.step_before_update),
         )
 
-    def factor(self, step: int) -> float:
-        return float(self.factors(torch.tensor([step]))[0])
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_cycle_ends", tuple(itertools.accumulate(self.cycle_steps)))
 
-    def factors(self, steps: torch.Tensor) -> torch.Tensor:
-        """The factor at every step of ``steps`` (any integer tensor), as float64; one
-        vectorised evaluation serves the scheduler's single step and a whole run's curve."""
-        s = torch.as_tensor(steps).to(torch.float64)
-        if s.numel() and bool((s < 0).any()):
-            raise ValueError(f"step must be >= 0, got {int(s.min())}")
-        out = self._main((s - self.warmup_steps).clamp(0, self.main_steps))
-        if self.warmup_steps:
+    def factor(self, step: int) -> float:
+        """The factor at optimizer step ``step`` (an int >= 0), in constant time and memory."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        s = step + 1 if self.step_before_update else step
+        if s < self.warmup_steps:
             t = s / self.warmup_steps
             ramp = t if self.warmup_type == "linear" else t ** self.exponent
-            out = torch.where(s < self.warmup_steps, self.start_factor + (1.0 - self.start_factor) * ramp, out)
-        return out
+            return self.start_factor + (1.0 - self.start_factor) * ramp
+        return self._main(min(s - self.warmup_steps, self.main_steps))
 
-    def _main(self, tau: torch.Tensor) -> torch.Tensor:
+    def factors(self, steps: torch.Tensor) -> torch.Tensor:
+        """:meth:`factor` at every step of ``steps`` (any integer tensor), as float64: the same
+        numbers, for tests and plots of a whole curve."""
+        flat = torch.as_tensor(steps).reshape(-1).tolist()
+        return torch.tensor([self.factor(int(s)) for s in flat], dtype=torch.float64).reshape(
+            torch.as_tensor(steps).shape)
+
+    def _main(self, tau: int) -> float:
         """tau: steps since the warmup ended, already clamped to [0, main_steps]."""
         if self.type == "constant":
-            return torch.ones_like(tau)
+            return 1.0
         if self.type == "multistep":
             # milestones strictly before tau: the milestone's own step keeps the old lr
-            passed = torch.searchsorted(torch.tensor(self.milestone_steps, dtype=tau.dtype), tau, right=False)
-            return self.lr_decay ** passed.to(tau.dtype)
+            return self.lr_decay ** float(bisect.bisect_left(self.milestone_steps, tau))
         if self.type == "linear":
             return 1.0 + (self.lr_min_factor - 1.0) * tau / self.main_steps
         if self.type == "cosine":
             return self._cosine(tau / self.main_steps)
         # sgdr: the first cycle whose end is >= tau; at a cycle's last step (tau == its end)
         # the next cycle has not begun
-        lengths = torch.tensor(self.cycle_steps, dtype=tau.dtype)
-        ends = lengths.cumsum(0)
-        k = torch.searchsorted(ends, tau, right=False).clamp_max(len(lengths) - 1)
-        return self._cosine((tau - (ends[k] - lengths[k])) / lengths[k])
+        ends = self._cycle_ends
+        if tau <= ends[-1]:
+            k = bisect.bisect_left(ends, tau)
+            start, length = ends[k] - self.cycle_steps[k], self.cycle_steps[k]
+        else:  # past the growing cycles: all of the last length
+            length = self.cycle_steps[-1]
+            start = ends[-1] + (tau - ends[-1] - 1) // length * length
+        return self._cosine((tau - start) / length)
 
-    def _cosine(self, progress: torch.Tensor) -> torch.Tensor:
+    def _cosine(self, progress: float) -> float:
         m = self.lr_min_factor
-        return m + (1.0 - m) * 0.5 * (1.0 + torch.cos(math.pi * progress))
+        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
@@ -173,6 +216,8 @@ def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
 
 def _plain(plan: SchedulePlan | dict[str, Any]) -> dict[str, Any]:
     d = dataclasses.asdict(plan) if isinstance(plan, SchedulePlan) else dict(plan)
+    if not d.get("step_before_update"):  # a checkpoint from before the option holds no such key
+        d.pop("step_before_update", None)
     return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in d.items()}
 
 
@@ -187,18 +232,16 @@ class PerIterationLR(LRScheduler):
 
     def __init__(self, optimizer: torch.optim.Optimizer, plan: SchedulePlan, last_epoch: int = -1) -> None:
         self.plan = plan
-        # the whole run's curve, evaluated once: a per-step tensor evaluation would cost ~0.1 ms
-        self._curve = plan.factors(torch.arange(plan.warmup_steps + plan.main_steps + 1)).tolist()
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
-        f = self._curve[min(self.last_epoch, len(self._curve) - 1)]
+        f = self.plan.factor(self.last_epoch)  # a closed form per step: no curve is kept
         return [base * f for base in self.base_lrs]
 
     _get_closed_form_lr = get_lr
 
     def state_dict(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "plan", "_curve")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "plan")}
         state["plan"] = _plain(self.plan)  # for the record; the config decides
         return state
 
