@@ -322,7 +322,7 @@ def _field_kinds(cls: type) -> tuple[tuple[str, bool], ...]:
 
 PRECISION_ALIASES = {"O0": "fp32", "O1": "amp", "O2": "fp16_master", "O3": "fp16"}
 # Other spellings of a key, read into the one field they name (one value, no second source of
-# truth). train.eval_period is the speed-path issue's name for the reference's train.val_period.
+# truth). train.eval_period is another name for the reference's train.val_period.
 KEY_ALIASES = {"train.eval_period": "train.val_period"}
 PRECISIONS = ("fp32", "tf32", "amp", "bf16", "fp16", "fp16_master")
 # The most optimizer steps a run may take (scheduler.epochs x steps per epoch): about 30 years at
