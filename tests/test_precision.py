@@ -1,6 +1,7 @@
 """Precision on the real training step, on CPU: AMP (fp16 autocast + GradScaler), bf16 autocast,
 the fp32/tf32 policy, the deterministic switch, fused SGD under a GradScaler, torch.compile."""
 import json
+import os
 import logging
 import threading
 
@@ -191,3 +192,31 @@ def test_the_compile_probe_leaves_the_run_bit_identical_to_eager(tmp_path, monke
     b = torch.load(run / "model.pt", weights_only=True)
     assert_equal_states(a, b)  # BN statistics and weights untouched by the probe batch
     assert compiled["test_error"] == eager["test_error"]
+
+
+def test_compile_caches_go_into_the_run_directory_so_a_requeue_reuses_them(tmp_path, monkeypatch):
+    """train.compile points inductor's cache (FX graphs, kernels, Triton autotuning) at
+    RUN/compile_cache before the first compile: the requeued job of the same run directory finds
+    what the first attempt compiled. A real (tiny) inductor compile then writes there."""
+    from imgclf.engine import trainer as engine_trainer
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(engine_trainer, "_USER_INDUCTOR_CACHE", None)
+    seen = []
+    lazy = _lazy_compile(False, [])
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+                        or lazy(m, **kw))
+    run = make_run(tmp_path / "run", **{"train.compile": True, "scheduler.epochs": 1})
+    Trainer(run, progress=False)
+    cache = run.resolve() / engine_trainer.COMPILE_CACHE
+    assert seen == [str(cache)]
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: torch.sin(x) * 2 + 1)
+    torch.testing.assert_close(fn(torch.ones(8)), torch.sin(torch.ones(8)) * 2 + 1)
+    assert any(p.is_file() for p in cache.rglob("*"))  # the generated kernel lives in the run
+    # A folder the user chose before imgclf was imported is left as it is.
+    monkeypatch.setattr(engine_trainer, "_USER_INDUCTOR_CACHE", str(tmp_path / "mine"))
+    assert engine_trainer.use_run_compile_cache(run) == tmp_path / "mine"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
