@@ -196,6 +196,7 @@ class Trainer:
         self.log_rows: list[dict[str, Any]] = []
         self.wall_seconds = 0.0
         self.rollbacks = 0
+        self.checkpoints = ckpt.BackgroundWriter(self.run_dir)
 
     def _compile_now(self, data) -> None:
         """torch.compile compiles lazily, at the first call: a missing compiler or an unsupported
@@ -243,12 +244,18 @@ class Trainer:
         self.wall_seconds = state["wall_seconds"]
         self.rollbacks = state.get("rollbacks", 0)
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, wait: bool = False) -> None:
+        """Rank 0 hands the state to the background writer (a CPU copy: the training goes on
+        while it is serialised, hashed and fsynced) and train_log.csv follows it to disk.
+        ``wait``: return once both are on disk."""
         if self.is_main:
-            ckpt.save(self.run_dir, self.state_dict())
-            self._write_log()
+            rows = list(self.log_rows)
+            self.checkpoints.submit(self.state_dict(), after=lambda: self._write_log(rows))
+            if wait:
+                self.checkpoints.wait()
 
     def resume(self) -> bool:
+        self.checkpoints.wait()
         state = ckpt.load_latest(self.run_dir, map_location=self.device)
         if state is None:
             return False
@@ -257,11 +264,11 @@ class Trainer:
             self._write_log()  # drop rows written after this checkpoint: the log never duplicates
         return True
 
-    def _write_log(self) -> None:
+    def _write_log(self, rows: list[dict[str, Any]] | None = None) -> None:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(self.log_rows)
+        writer.writerows(self.log_rows if rows is None else rows)
         atomic_write_text(self.run_dir / "train_log.csv", buf.getvalue())
 
     # ------------------------------------------------------------------ training
@@ -356,7 +363,7 @@ class Trainer:
         for step, make_batch in self._epoch_batches():
             if self._stop_requested(step):
                 self._flush_accum(loss_sum, correct, seen, t0)
-                self.save_checkpoint()
+                self.save_checkpoint(wait=True)  # on disk before the launcher is told it is saved
                 message = f"{self.run_dir}: stopped at epoch {self.epoch + 1} step {step}; checkpoint saved"
                 if self.is_main:
                     log.warning("%s", message)  # in the job's log: where the requeued job resumes
@@ -534,9 +541,11 @@ class Trainer:
                 self.wall_seconds = wall_before + time.perf_counter() - started
                 if last or self.epoch % cfg.train.checkpoint_period == 0:
                     self.save_checkpoint()
+            self.checkpoints.wait()
         finally:
             if bar is not None:
                 bar.close()
+            self.checkpoints.wait(raise_error=False)  # a crash still leaves the pending checkpoint
         self.wall_seconds = wall_before + time.perf_counter() - started
         return self._finish(evaluation)
 
@@ -545,6 +554,7 @@ class Trainer:
         cfg = self.cfg.train
         if cfg.on_divergence != "rollback" or self.rollbacks >= cfg.max_rollbacks:
             return False
+        self.checkpoints.wait()
         state = ckpt.load_latest(self.run_dir, map_location=self.device)
         if state is None:
             return False
