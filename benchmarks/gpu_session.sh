@@ -100,11 +100,11 @@ else
   train_args=(--config config/recipes/cifar/resnet_preact.yaml model.resnet_preact.depth 20
               train.batch_size 128 train.base_lr 0.2 scheduler.type cosine scheduler.epochs "${EPOCHS:-200}"
               train.precision amp)
-  wanted data && part data 60 "$py" -m imgclf data cifar10 --from .data/cifar10_jpg.tgz > "$OUT/data.log" 2>&1
+  wanted data && part data 90 "$py" -m imgclf data cifar10 --from .data/cifar10_jpg.tgz > "$OUT/data.log" 2>&1
 fi
 
 # shellcheck disable=SC2086
-wanted steps && part steps 90 "$py" -m benchmarks.gpu_steps --device "$DEVICE" --jsonl "$OUT/steps.jsonl" \
+wanted steps && part steps 100 "$py" -m benchmarks.gpu_steps --device "$DEVICE" --jsonl "$OUT/steps.jsonl" \
   --out "$OUT/steps.md" --configs "${eager_configs[@]}" "${steps_args[@]}" ${STEPS_EXTRA:-} > "$OUT/steps.log" 2>&1
 
 # 2 ranks on this one device through the project's own entry points (torchrun + imgclf train)

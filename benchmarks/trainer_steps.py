@@ -10,6 +10,7 @@ compile would: the session's CPU test shows that the rate reported is the steady
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -42,9 +43,19 @@ def build_config(model: str, overrides: dict, *, smoke: bool, batch_size: int, d
                             "scheduler.epochs": 200, "device": device, **overrides})
 
 
+def _load_once() -> None:
+    """The dataset is read once per process, not once per measurement: loading (seconds for
+    CIFAR-10) is no part of a step, and a session builds a dozen trainers."""
+    from imgclf.engine import trainer as engine
+
+    if not hasattr(engine.load_data, "cache_info"):
+        engine.load_data = functools.lru_cache(maxsize=2)(engine.load_data)
+
+
 def build_trainer(cfg: C.Config, run_dir: Path | None = None):
     from imgclf.engine import Trainer
 
+    _load_once()
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
     return Trainer(runs.prepare(cfg, run_dir, resume=False), progress=False)
 

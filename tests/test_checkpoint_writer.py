@@ -103,7 +103,7 @@ def test_a_failed_background_write_stops_the_run_at_the_next_checkpoint_point(tm
     with pytest.raises(ckpt.CheckpointWriteError) as e:
         train(run, progress=False)
     message = str(e.value)
-    assert "\n" not in message and message.startswith(f"{run / ckpt.LATEST}: the background checkpoint write failed")
+    assert "\n" not in message and message.startswith(f"{run / ckpt.LATEST}: writing the checkpoint failed")
     assert "No space left on device" in message
     assert ckpt.load_latest(run)["epoch"] == 0 and not (run / "result.json").exists()
 

@@ -171,7 +171,7 @@ class BackgroundWriter:
         if error is None:
             return
         first = (str(error).strip().splitlines() or [""])[0][:200]
-        message = (f"{self.run_dir / LATEST}: the background checkpoint write failed "
+        message = (f"{self.run_dir / LATEST}: writing the checkpoint failed "
                    f"({type(error).__name__}: {first}); the previous checkpoint is intact")
         if not raise_error:
             log.error("%s", message)
