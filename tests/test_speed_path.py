@@ -130,7 +130,7 @@ def test_whole_epoch_augmentation_buffer_holds_the_autocast_dtype_and_trains_bit
     trainer = Trainer(run, progress=False)
     dtypes = []
     inner = trainer._step_body
-    trainer._step_body = trainer._step_fn = lambda x, *a: dtypes.append(x.dtype) or inner(x, *a)
+    trainer._step_body = lambda x, *a: dtypes.append(x.dtype) or inner(x, *a)
     trainer.fit()
     assert set(dtypes) == {dtype}
     wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (plain, run))
