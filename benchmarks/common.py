@@ -1,11 +1,11 @@
 """What the benchmarks share: the device and its description, the precision to compare
 against fp32, timed windows under a time budget, and peak memory.
 
-Timing follows one rule everywhere: untimed warm-up steps first (oneDNN primitive
-creation, cuDNN autotuning, the allocator), then ``windows`` windows of ``steps``
-steps, each window synchronized, reporting images per second per window. When a
-time budget (``--max-seconds``) cannot hold that, fewer windows or steps are timed
-and the result says so.
+Timing follows one rule everywhere: untimed warm-up steps first (compilation, oneDNN
+primitive creation, cuDNN autotuning, the allocator), their time recorded on its own, then
+``windows`` windows of ``steps`` steps, each window synchronized, reporting images per
+second per window. When a time budget (``--max-seconds``, the timed windows only) cannot
+hold that, fewer windows or steps are timed and the result says so.
 """
 from __future__ import annotations
 
@@ -114,6 +114,8 @@ class Timing:
     steps: int  # steps per window
     warmup: int  # warm-up steps actually run
     notes: list[str] = field(default_factory=list)
+    first_step_seconds: float = 0.0  # the first (cold) step: compilation, autotuning, allocator
+    warmup_seconds: float = 0.0  # all warm-up steps, the first included
 
     @property
     def median(self) -> float:
@@ -132,40 +134,30 @@ def time_windows(step: Callable[[], object], device: torch.device, *, items: int
                  steps: int, max_seconds: float | None = None) -> Timing:
     """Images per second of ``step`` (``items`` images each) over timed windows.
 
-    Under ``max_seconds``: when one step already takes more than half the budget, that step
-    is the only measurement (a window of 1 step, marked); otherwise warm-up stops at half
-    the budget, the steps per window shrink to fit ``windows`` windows in the rest, and
-    windows stop when the budget is spent (at least one is always timed).
+    The first ``warmup`` steps (at least one: a first step pays for compilation, autotuning and
+    cuDNN's algorithm search) are never a measurement; their time is recorded on its own
+    (``first_step_seconds``, ``warmup_seconds``) and does not count against ``max_seconds``,
+    which budgets the timed windows alone: the steps per window shrink (to one at least) so
+    that ``windows`` windows fit at the fastest warm-up step's pace, and windows stop when the
+    budget is spent (at least one is always timed).
     """
-    start = time.perf_counter()
     budget = max_seconds if max_seconds and max_seconds > 0 else float("inf")
-    last = 0.0
-    done = 0
-    notes = []
+    times = []
     for _ in range(max(warmup, 1)):
         sync(device)
         t0 = time.perf_counter()
         step()
         sync(device)
-        last = time.perf_counter() - t0
-        done += 1
-        if last > budget / 2:
-            note = ("1 step only, which was also the first (cold) step" if done == 1 else
-                    f"1 step only, after {done - 1} warm-up step(s)")
-            return Timing([items / last], 1, done - 1, [f"{note}: a step took {last:.1f} s, over half "
-                                                        f"of --max-seconds {budget:g}"])
-        if warmup == 0:  # the step above was the timed one
-            return Timing([items / last], 1, 0, ["no warm-up"])
-        if time.perf_counter() - start > budget / 2 and done < warmup:
-            notes.append(f"{done} of {warmup} warm-up steps")
-            break
-    remaining = budget - (time.perf_counter() - start)
-    if remaining < windows * steps * last:
-        fit = int(remaining / (windows * last)) if last > 0 else steps
+        times.append(time.perf_counter() - t0)
+    pace = min(times)
+    notes = []
+    if windows * steps * pace > budget:
+        fit = max(1, int(budget / (windows * pace)))
         if fit < steps:
-            steps = max(1, fit)
+            steps = fit
             notes.append(f"{steps} step(s) per window to fit --max-seconds {budget:g}")
     rates = []
+    start = time.perf_counter()
     for w in range(windows):
         sync(device)
         t0 = time.perf_counter()
@@ -176,7 +168,7 @@ def time_windows(step: Callable[[], object], device: torch.device, *, items: int
         if time.perf_counter() - start > budget and w + 1 < windows:
             notes.append(f"{w + 1} of {windows} windows within --max-seconds {budget:g}")
             break
-    return Timing(rates, steps, done, notes)
+    return Timing(rates, steps, len(times), notes, first_step_seconds=times[0], warmup_seconds=sum(times))
 
 
 def seconds_per_call(fn: Callable[[], object], device: torch.device, reps: int, warmup: int) -> float:

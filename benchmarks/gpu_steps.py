@@ -1,15 +1,17 @@
-"""Training-step throughput of the GPU session's two models, ResNet-PreAct-20 and WRN-28-10
-(batch 128, CIFAR size), in fp32 (IEEE), tf32, AMP fp16 and bf16, eager and with the speed path
-(``torch.compile`` of the model), one JSON line per measurement as soon as it is measured.
-``--speed step`` adds the capturable whole step (train.capturable_step: the lr a device tensor,
-forward, backward and optimizer compiled as one function); not in the default session.
+"""Training-step throughput of the trainer itself (imgclf's Trainer and its step function) in
+every configuration it offers: fp32 (IEEE), tf32, AMP fp16, bf16, the speed-path options
+(train.epoch_augmentation, per-step and batched draws) and train.compile, for ResNet-PreAct-20
+and WRN-28-10 at batch 128 on CIFAR-10; one JSON line per measurement as soon as it is measured.
 
-    python -m benchmarks.gpu_steps --device cuda --jsonl $OUT/steps.jsonl --max-seconds 4
-    python -m benchmarks.gpu_steps --device cpu --smoke --jsonl /tmp/steps.jsonl   # seconds
+    python -m benchmarks.gpu_steps --device cuda --jsonl $OUT/steps.jsonl --out $OUT/steps.md
+    python -m benchmarks.gpu_steps --device cpu --smoke --jsonl /tmp/steps.jsonl   # digits, seconds
 
-Every eager measurement comes before any compiled one (compiling costs tens of seconds each),
-so a session cut short still has the whole eager table. A measurement that fails is a line
-with its error; the others go on.
+Each measurement: the Trainer is built (data, model, and under train.compile its compile
+probe, timed on its own as ``compile_s``), then untimed warm-up steps (the first one, with
+cuDNN's algorithm search and any recompile, timed on its own as ``first_step_s``), then the
+timed windows (``--max-seconds`` budgets these alone). Every eager configuration comes before
+any compiled one, so a session cut short still has the whole eager table. A measurement that
+fails is a line with its error; the others go on.
 """
 from __future__ import annotations
 
@@ -20,98 +22,120 @@ from pathlib import Path
 
 import torch
 
-from imgclf import config
-from imgclf.engine.precision import apply_backend_flags, backend_flags
-
 from .common import device_title, resolve_device, time_windows
-from .models import RECIPES, train_step
+from .trainer_steps import MODELS, build_config, build_trainer, compiled, free_device, step_loop
 
-# name -> (family, its recipe's overrides; the smoke miniature's overrides)
-MODELS = {
-    "resnet_preact20": ("resnet_preact", {"depth": 20}, {"depth": 8, "initial_channels": 8}),
-    "wrn28_10": ("wrn", {"depth": 28, "widening_factor": 10}, {"depth": 10, "widening_factor": 1,
-                                                               "initial_channels": 8}),
+# The trainer's configurations, eager ones first; name -> config overrides.
+CONFIGS = {
+    "fp32": {"train.precision": "fp32"},
+    "tf32": {"train.precision": "tf32"},
+    "amp": {"train.precision": "amp"},
+    "bf16": {"train.precision": "bf16"},
+    "amp+epoch_augmentation": {"train.precision": "amp", "train.epoch_augmentation": True},
+    "amp+epoch_augmentation_batched": {"train.precision": "amp", "train.epoch_augmentation": True,
+                                       "train.epoch_augmentation_draws": "batched"},
+    "amp+compile": {"train.precision": "amp", "train.compile": True},
+    "amp+compile+epoch_augmentation_batched": {"train.precision": "amp", "train.compile": True,
+                                               "train.epoch_augmentation": True,
+                                               "train.epoch_augmentation_draws": "batched"},
 }
-PRECISIONS = ("fp32", "tf32", "amp", "bf16")
+DEFAULT_MODELS = ("resnet_preact20", "wrn28_10")
 
 
-def measure(name: str, precision: str, speed: bool, device: torch.device, args, whole_step: bool = False) -> dict:
-    family, full, smoke = MODELS[name]
-    overrides = {f"model.{family}.{k}": v for k, v in (smoke if args.smoke else full).items()}
-    cfg = config.build(RECIPES / f"{family}.yaml", overrides)
-    # tf32 is fp32 storage with TF32 kernels: the same step as fp32 under another kernel policy.
-    apply_backend_flags(backend_flags(precision, device.type, deterministic=False))
-    torch.manual_seed(0)
+def _timed_compile_probe():
+    """Record the seconds of the Trainer's compile probe (train.compile compiles there, before
+    the first step) on the trainer as ``compile_seconds``."""
+    from imgclf.engine import Trainer
+
+    real = Trainer._compile_now
+    if getattr(real, "timed", False):
+        return
+
+    def timed(self, data):
+        t0 = time.perf_counter()
+        try:
+            real(self, data)
+        finally:
+            self.compile_seconds = time.perf_counter() - t0
+
+    timed.timed = True
+    Trainer._compile_now = timed
+
+
+def measure(model: str, name: str, device: torch.device, args) -> dict:
+    cfg = build_config(model, CONFIGS[name], smoke=args.smoke, batch_size=args.batch_size, device=str(device))
     t0 = time.perf_counter()
-    step, model = train_step(cfg, device, batch_size=args.batch_size,
-                             precision="fp32" if precision == "tf32" else precision,
-                             compile_mode=args.compile_mode if speed else None, whole_step=whole_step)
-    timing = time_windows(step, device, items=args.batch_size, warmup=args.warmup, windows=args.windows,
-                          steps=args.steps, max_seconds=args.max_seconds)
-    return {"model": name, "precision": precision, "speed_path": speed, "whole_step": whole_step,
-            "batch": args.batch_size,
-            "img_per_s": round(timing.median), "min": round(min(timing.rates)), "max": round(max(timing.rates)),
-            "windows": timing.windows, "seconds": round(time.perf_counter() - t0, 1), "notes": timing.notes}
-
-
-def _speed(r: dict) -> str:
-    return "whole step" if r.get("whole_step") else "on" if r["speed_path"] else "off"
+    trainer = build_trainer(cfg)
+    setup = time.perf_counter() - t0
+    notes = []
+    if cfg.train.compile and not compiled(trainer):
+        notes.append("train.compile fell back to eager (see steps.log)")
+    timing = time_windows(step_loop(trainer), device, items=args.batch_size, warmup=args.warmup,
+                          windows=args.windows, steps=args.steps, max_seconds=args.max_seconds)
+    row = {"model": model, "config": name, "overrides": CONFIGS[name], "batch": args.batch_size,
+           "img_per_s": round(timing.median), "min": round(min(timing.rates)), "max": round(max(timing.rates)),
+           "windows": timing.windows, "setup_s": round(setup, 2),
+           "compile_s": round(getattr(trainer, "compile_seconds", 0.0), 2),
+           "compiled": compiled(trainer), "first_step_s": round(timing.first_step_seconds, 3),
+           "warmup_s": round(timing.warmup_seconds, 3), "warmup_steps": timing.warmup,
+           "seconds": round(time.perf_counter() - t0, 1), "notes": notes + timing.notes}
+    del trainer
+    free_device()
+    return row
 
 
 def render(rows: list[dict], device: torch.device, args) -> str:
-    lines = [f"Training step, batch {args.batch_size}, channels_last, on {device_title(device)}, torch "
-             f"{torch.__version__}; speed path = torch.compile(mode={args.compile_mode!r})"
-             + (" [SMOKE: tiny models]" if args.smoke else ""), "",
-             "| Model | Precision | Speed path | img/s (median) | min–max | Seconds (incl. compile) | Notes |",
-             "|---|---|---|---:|---|---:|---|"]
+    lines = [f"The trainer's step, batch {args.batch_size}, on {device_title(device)}, torch {torch.__version__}; "
+             f"median of {args.windows} window(s) of up to {args.steps} step(s) after {args.warmup} untimed warm-up "
+             f"step(s)" + (" [SMOKE: tiny models on the digits]" if args.smoke else ""), "",
+             "| Model | Configuration | img/s (median) | min–max | Windows | Compile s | First step s | "
+             "Warm-up s | Setup s | Notes |", "|---|---|---:|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['precision']} | {_speed(r)} | — | — | — | "
-                         f"FAILED: {r['error']} |")
+            lines.append(f"| {r['model']} | {r['config']} | — | — | — | — | — | — | — | FAILED: {r['error']} |")
         else:
-            lines.append(f"| {r['model']} | {r['precision']} | {_speed(r)} | "
-                         f"{r['img_per_s']} | {r['min']}–{r['max']} | {r['seconds']} | {'; '.join(r['notes'])} |")
+            lines.append(f"| {r['model']} | {r['config']} | {r['img_per_s']} | {r['min']}–{r['max']} | "
+                         f"{r['windows']} | {r['compile_s']} | {r['first_step_s']} | {r['warmup_s']} | "
+                         f"{r['setup_s']} | {'; '.join(r['notes'])} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
-    parser.add_argument("--speed", nargs="+", default=["off", "on"], choices=["off", "on", "step"])
-    parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
-                        help="torch.compile mode of the speed path")
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--max-seconds", type=float, default=4.0, help="per measurement, compile excluded")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--max-seconds", type=float, default=3.0, help="per measurement, timed windows only")
+    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--windows", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--smoke", action="store_true", help="tiny models, one short window")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the digits, short windows")
     parser.add_argument("--jsonl", type=Path, default=None, help="append one JSON line per measurement")
-    parser.add_argument("--out", type=Path, default=None, help="the markdown table")
+    parser.add_argument("--out", type=Path, default=None, help="the markdown table, rewritten per measurement")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.batch_size, args.warmup, args.windows, args.steps = 16, 1, 1, 1
+        args.batch_size, args.warmup, args.windows, args.steps = 16, 2, 2, 3
     device = resolve_device(args.device)
+    _timed_compile_probe()
+    order = ([c for c in args.configs if not CONFIGS[c].get("train.compile")]
+             + [c for c in args.configs if CONFIGS[c].get("train.compile")])
     rows = []
-    for mode in args.speed:
-        speed, whole_step = mode != "off", mode == "step"
-        for name in args.models:
-            for precision in args.precisions:
-                try:
-                    row = measure(name, precision, speed, device, args, whole_step)
-                except Exception as e:  # noqa: BLE001 - one failure keeps the other measurements
-                    row = {"model": name, "precision": precision, "speed_path": speed, "whole_step": whole_step,
-                           "error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if args.jsonl:
-                    with open(args.jsonl, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                if args.out:
-                    args.out.write_text(render(rows, device, args) + "\n")
-    apply_backend_flags(backend_flags("fp32", device.type, deterministic=False))
+    for name in order:
+        for model in args.models:
+            try:
+                row = measure(model, name, device, args)
+            except Exception as e:  # noqa: BLE001 - one failure keeps the other measurements
+                row = {"model": model, "config": name, "overrides": CONFIGS[name],
+                       "error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"}
+                free_device()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if args.out:
+                args.out.write_text(render(rows, device, args) + "\n")
     print(render(rows, device, args))
     return 1 if any("error" in r for r in rows) else 0
 

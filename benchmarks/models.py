@@ -55,20 +55,15 @@ def recipe(name: str, smoke: bool) -> config.Config:
 
 
 def train_step(cfg: config.Config, device: torch.device, *, batch_size: int, precision: str = "fp32",
-               channels_last: bool = True, compile_mode: str | None = None, whole_step: bool = False):
+               channels_last: bool = True, compile_mode: str | None = None):
     """(step, model): one training step of ``cfg``'s model on a fixed random batch; with
-    ``compile_mode``, the model's forward and backward through ``torch.compile(mode=...)``.
-    ``whole_step`` (train.capturable_step): the lr a device tensor and, with ``compile_mode``,
-    the whole step (forward, backward, optimizer) compiled as one function instead."""
+    ``compile_mode``, the model's forward and backward through ``torch.compile(mode=...)``."""
     model = models.build(cfg, in_channels=3, n_classes=10).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    forward = torch.compile(model, mode=compile_mode) if compile_mode and not whole_step else model
+    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
     opt = build_optimizer(cfg, model)
-    if whole_step:
-        for group in opt.param_groups:
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -83,8 +78,6 @@ def train_step(cfg: config.Config, device: torch.device, *, batch_size: int, pre
         scaler.step(opt)
         scaler.update()
 
-    if whole_step and compile_mode:
-        return torch.compile(step, mode=compile_mode), model
     return step, model
 
 

@@ -1,6 +1,9 @@
 """Precision on the real training step, on CPU: AMP (fp16 autocast + GradScaler), bf16 autocast,
 the fp32/tf32 policy, the deterministic switch, fused SGD under a GradScaler, torch.compile."""
 import json
+import os
+import subprocess
+import sys
 import logging
 import threading
 
@@ -191,3 +194,42 @@ def test_the_compile_probe_leaves_the_run_bit_identical_to_eager(tmp_path, monke
     b = torch.load(run / "model.pt", weights_only=True)
     assert_equal_states(a, b)  # BN statistics and weights untouched by the probe batch
     assert compiled["test_error"] == eager["test_error"]
+
+
+def test_compile_caches_go_into_the_run_directory_so_a_requeue_reuses_them(tmp_path, monkeypatch):
+    """train.compile points inductor's cache (FX graphs, kernels, Triton autotuning) at
+    RUN/compile_cache before the first compile: the requeued job of the same run directory finds
+    what the first attempt compiled."""
+    from imgclf.engine import trainer as engine_trainer
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(engine_trainer, "_USER_INDUCTOR_CACHE", None)
+    seen = []
+    lazy = _lazy_compile(False, [])
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+                        or lazy(m, **kw))
+    run = make_run(tmp_path / "run", **{"train.compile": True, "scheduler.epochs": 1})
+    Trainer(run, progress=False)
+    cache = run.resolve() / engine_trainer.COMPILE_CACHE
+    assert seen == [str(cache)]
+    # A folder the user chose before imgclf was imported is left as it is.
+    monkeypatch.setattr(engine_trainer, "_USER_INDUCTOR_CACHE", str(tmp_path / "mine"))
+    assert engine_trainer.use_run_compile_cache(run) == tmp_path / "mine"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
+
+
+@pytest.mark.slow
+def test_a_fresh_process_loads_the_kernel_an_earlier_one_compiled_into_the_cache(tmp_path):
+    """What RUN/compile_cache buys a requeued job: a real (tiny) inductor compile writes its
+    kernel there, and a fresh process pointed at the same folder loads it (an FX graph cache
+    hit) instead of compiling it again."""
+    cache = tmp_path / "run" / "compile_cache"
+    program = ("import torch\nfrom torch._dynamo.utils import counters\n"
+               "torch.compile(lambda x: torch.sin(x) * 2 + 1)(torch.ones(8))\n"
+               "print(sorted(counters['inductor']))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    runs = [subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300, env=env)
+            for _ in range(2)]
+    assert [(r.stdout.strip().splitlines() or [""])[-1] for r in runs] == \
+        ["['fxgraph_cache_miss']", "['fxgraph_cache_hit']"], [r.stderr[-500:] for r in runs]
+    assert any(p.is_file() for p in cache.rglob("*"))

@@ -100,96 +100,20 @@ def test_whole_epoch_augmentation_falls_back_to_per_step_above_its_memory_budget
     assert len(lines) == 1 and "more than train.epoch_augmentation_max_gb 1e-06; augmenting per step" in lines[0]
 
 
-def test_capturable_step_trains_bit_identically_to_the_plain_step(tmp_path):
-    """train.capturable_step: the lr as a tensor filled in place, the same math: the same weights
-    and log (the lr column included) as the plain step, also across a mid-epoch stop and resume."""
-    import threading
+def test_capturable_step_is_refused_as_removed_and_its_default_keeps_every_run_id(tmp_path):
+    """train.capturable_step was removed: True is one line saying so and what to use; False (the
+    value every existing run directory's config.yaml holds) still loads, with the same run id."""
+    from imgclf import config as C, runs
 
-    from imgclf.engine import Preempted, Trainer
-
-    overrides = {"scheduler.epochs": 2, "scheduler.type": "cosine", **_AUG}
-    plain = make_run(tmp_path / "plain", **overrides)
-    train(plain, progress=False)
-    run = make_run(tmp_path / "capturable", **overrides, **{"train.capturable_step": True})
-    trainer = Trainer(run, progress=False, stop_event=threading.Event())
-    lr = trainer.optimizer.param_groups[0]["lr"]
-    assert isinstance(lr, torch.Tensor)
-    _stop_after(trainer, 14)
-    with pytest.raises(Preempted, match="epoch 2 step 4"):
-        trainer.fit()
-    assert trainer.optimizer.param_groups[0]["lr"] is lr  # filled in place, never replaced
-    del trainer
-    resumed = Trainer(run, progress=False)
-    resumed.resume()
-    assert isinstance(resumed.optimizer.param_groups[0]["lr"], torch.Tensor)
-    resumed.fit()
-    wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (plain, run))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert [(r["lr"], r["train_loss"], r["test_error"]) for r in rows(run)] == \
-        [(r["lr"], r["train_loss"], r["test_error"]) for r in rows(plain)]
-
-
-def test_capturable_step_reads_nothing_back_to_the_host(tmp_path, monkeypatch):
-    """No .item()/float()/bool() of a tensor inside the step, and the optimizer step with the
-    tensor lr traces as one graph (fullgraph=True fails on any host read)."""
-    from imgclf.engine import Trainer
-
-    run = make_run(tmp_path / "run", **{"scheduler.epochs": 1, "train.capturable_step": True})
-    trainer = Trainer(run, progress=False)
-    gen = torch.Generator().manual_seed(0)
-    images, labels = next(iter(trainer.loader.batches(0)))[1:]
-    batch = trainer.train_transform(images, labels, gen)
-    before = trainer.model.state_dict()["fc.weight"].clone()
-    # The optimizer step traced by dynamo: a host read (.item(), a tensor lr turned into a number)
-    # would be a graph break of its own; the only breaks are torch's own around no_grad.
-    opt = trainer.optimizer  # (its own step: the scheduler's step-counting wrapper is not traceable)
-    explained = []
-    opt.step = lambda: explained.append(torch._dynamo.explain(lambda: type(opt).step(opt))())
-
-    def host_read(*_):
-        raise AssertionError("host read inside the capturable step")
-
-    with monkeypatch.context() as m:
-        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
-            m.setattr(torch.Tensor, name, host_read)
-        loss, correct = trainer._step_body(batch.images, batch.targets, batch.labels)
-    assert loss.dim() == 0 and correct.dim() == 0 and 0 < loss.item()
-    assert not torch.equal(before, trainer.model.state_dict()["fc.weight"])  # the step stepped
-    (report,) = explained
-    reasons = [str(b.reason) for b in report.break_reasons]
-    assert report.graph_count >= 1 and all("graph_break()" in r for r in reasons), reasons
-
-
-def test_capturable_step_needs_sgd():
-    from imgclf import config as C
-
-    with pytest.raises(C.ConfigError, match="^override train.capturable_step: needs train.optimizer sgd"):
-        C.build(overrides={"train.capturable_step": True, "train.optimizer": "adam"})
-
-
-def test_benchmark_whole_step_with_a_tensor_lr_steps_like_the_plain_step(monkeypatch):
-    """benchmarks.gpu_steps --speed step: the measured step (lr a tensor) is the plain step's math."""
-    import benchmarks.models as bm
-    from benchmarks.gpu_steps import MODELS, _speed
-    from benchmarks.models import RECIPES, train_step
-    from imgclf import config
-
-    optimizers, real = [], bm.build_optimizer
-    monkeypatch.setattr(bm, "build_optimizer", lambda *a: optimizers.append(real(*a)) or optimizers[-1])
-
-    family, _, smoke = MODELS["resnet_preact20"]
-    cfg = config.build(RECIPES / f"{family}.yaml", {f"model.{family}.{k}": v for k, v in smoke.items()})
-    weights = []
-    for whole_step in (False, True):
-        torch.manual_seed(0)
-        step, model = train_step(cfg, torch.device("cpu"), batch_size=8, whole_step=whole_step)
-        step()
-        step()
-        weights.append([p.detach().clone() for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*weights))
-    assert [type(o.param_groups[0]["lr"]) for o in optimizers] == [float, torch.Tensor]
-    assert [_speed({"speed_path": s, "whole_step": w}) for s, w in ((False, False), (True, False), (True, True))] \
-        == ["off", "on", "whole step"]
+    with pytest.raises(C.ConfigError) as e:
+        C.build(overrides={"train.capturable_step": True})
+    message = str(e.value)
+    assert message.startswith("override train.capturable_step: removed") and "train.compile True" in message
+    assert "\n" not in message
+    assert C.config_hash(C.build(overrides={"train.capturable_step": False})) == C.config_hash(C.build())
+    run = make_run(tmp_path / "run")
+    assert "capturable_step: false" in (run / "config.yaml").read_text()
+    assert runs.load_run_config(run).train.capturable_step is False
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("amp", torch.float16)])
@@ -206,39 +130,8 @@ def test_whole_epoch_augmentation_buffer_holds_the_autocast_dtype_and_trains_bit
     trainer = Trainer(run, progress=False)
     dtypes = []
     inner = trainer._step_body
-    trainer._step_body = trainer._step_fn = lambda x, *a: dtypes.append(x.dtype) or inner(x, *a)
+    trainer._step_body = lambda x, *a: dtypes.append(x.dtype) or inner(x, *a)
     trainer.fit()
     assert set(dtypes) == {dtype}
     wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (plain, run))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def test_capturable_step_with_compile_compiles_the_whole_step_and_trains_like_eager(tmp_path, monkeypatch):
-    """With train.compile too (on CUDA always, mode max-autotune) the whole step is one compiled
-    function; traced here with dynamo's 'eager' backend (no C++ build): the same training, up to
-    rounding (compiled, the tensor lr multiplies the update before adding it)."""
-    import torch._dynamo as dynamo
-
-    from imgclf.engine import Trainer
-
-    compiled, real = [], torch.compile
-
-    def cheap_compile(fn, **kwargs):
-        compiled.append(fn)
-        return real(fn, backend="eager", **kwargs)
-
-    monkeypatch.setattr(torch, "compile", cheap_compile)
-    dynamo.reset()
-    overrides = {"scheduler.epochs": 1}
-    plain = make_run(tmp_path / "plain", **overrides)
-    train(plain, progress=False)
-    run = make_run(tmp_path / "run", **overrides, **{"train.capturable_step": True, "train.compile": True})
-    trainer = Trainer(run, progress=False)
-    assert [getattr(f, "__name__", "") for f in compiled][-1] == "_step_body"
-    assert trainer._step_fn is not trainer._step_body
-    trainer.fit()
-    wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (plain, run))
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
-    assert float(rows(run)[0]["train_loss"]) == pytest.approx(float(rows(plain)[0]["train_loss"]), rel=1e-4)
-    assert rows(run)[0]["lr"] == rows(plain)[0]["lr"]

@@ -158,7 +158,6 @@ def _our_trainer(oc, model):
     t.scaler = t.precision.make_scaler()
     t.optimizer = build_optimizer(oc, model)
     t.scheduler = build_scheduler(oc, t.optimizer, 10)
-    t._step_fn = t._step_body  # the plain (uncompiled) step, as Trainer.__init__ sets it
     return t
 
 

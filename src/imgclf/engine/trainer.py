@@ -50,6 +50,24 @@ LOG_FIELDS = ["epoch", "lr", "train_loss", "train_error", "test_loss", "test_err
               "images_per_second"]
 
 
+# train.compile's caches (inductor's FX graphs and generated kernels, Triton's autotuning results)
+# go into the run directory unless the user chose a folder before imgclf was imported.
+COMPILE_CACHE = "compile_cache"
+_USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
+def use_run_compile_cache(run_dir: Path) -> Path:
+    """Point inductor's cache at ``run_dir/compile_cache``: a requeued job (same run directory)
+    loads the kernels its first attempt compiled and autotuned instead of paying for them again.
+    Inductor reads the variable whenever it opens its cache, so setting it before the first
+    compile is enough."""
+    if _USER_INDUCTOR_CACHE:
+        return Path(_USER_INDUCTOR_CACHE)
+    path = (Path(run_dir) / COMPILE_CACHE).resolve()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
 class Preempted(RuntimeError):
     """Training stopped on request (SLURM preemption / time limit) after a checkpoint was written."""
 
@@ -140,6 +158,7 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step_model = self.ddp_model
         if cfg.train.compile:
+            use_run_compile_cache(self.run_dir)
             try:
                 self.step_model = torch.compile(self.ddp_model)
             except Exception as e:  # noqa: BLE001 - compile is an optional speed-up
@@ -165,13 +184,6 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.loader))
         self.scaler = self.precision.make_scaler()
         guard_fused_first_step(self.optimizer)
-        self._lr_kind()
-        self._step_fn = self._step_body
-        if cfg.train.capturable_step and (self.device.type == "cuda" or cfg.train.compile):
-            # The whole step as one compiled function (on CPU only with train.compile too: there it
-            # is the test of this path). A compile error surfaces in the first step.
-            self._step_fn = torch.compile(self._step_body, **({"mode": "max-autotune"}
-                                                              if self.device.type == "cuda" else {}))
         self.train_transform = TrainTransform(cfg.augmentation, *data.normalization, self.n_classes,
                                               data.image_size, self.device)
         self.eval_transform = EvalTransform(*data.normalization, self.device)
@@ -189,6 +201,7 @@ class Trainer:
         self.log_rows: list[dict[str, Any]] = []
         self.wall_seconds = 0.0
         self.rollbacks = 0
+        self.checkpoints = ckpt.BackgroundWriter(self.run_dir)
 
     def _compile_now(self, data) -> None:
         """torch.compile compiles lazily, at the first call: a missing compiler or an unsupported
@@ -237,14 +250,19 @@ class Trainer:
         self.log_rows = list(state["log_rows"])
         self.wall_seconds = state["wall_seconds"]
         self.rollbacks = state.get("rollbacks", 0)
-        self._lr_kind()
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, wait: bool = False) -> None:
+        """Rank 0 hands the state to the background writer (a CPU copy: the training goes on
+        while it is serialised, hashed and fsynced) and train_log.csv follows it to disk.
+        ``wait``: return once both are on disk."""
         if self.is_main:
-            ckpt.save(self.run_dir, self.state_dict())
-            self._write_log()
+            rows = list(self.log_rows)
+            self.checkpoints.submit(self.state_dict(), after=lambda: self._write_log(rows))
+            if wait:
+                self.checkpoints.wait()
 
     def resume(self) -> bool:
+        self.checkpoints.wait()
         state = ckpt.load_latest(self.run_dir, map_location=self.device)
         if state is None:
             return False
@@ -253,11 +271,11 @@ class Trainer:
             self._write_log()  # drop rows written after this checkpoint: the log never duplicates
         return True
 
-    def _write_log(self) -> None:
+    def _write_log(self, rows: list[dict[str, Any]] | None = None) -> None:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(self.log_rows)
+        writer.writerows(self.log_rows if rows is None else rows)
         atomic_write_text(self.run_dir / "train_log.csv", buf.getvalue())
 
     # ------------------------------------------------------------------ training
@@ -271,31 +289,18 @@ class Trainer:
             return loss, losses.dual_cutout_predict(logits)
         return losses.soft_cross_entropy(logits, targets), logits
 
-    def _lr_kind(self) -> None:
-        """train.capturable_step: each param group's lr a device tensor (read by the optimizer on
-        the device, filled in place by the scheduler), else a float; whatever a checkpoint held."""
-        for group in self.optimizer.param_groups:
-            lr = group["lr"]
-            if not self.cfg.train.capturable_step:
-                group["lr"] = float(lr)
-            elif not isinstance(lr, torch.Tensor) or lr.device != self.device or lr.dtype != torch.float32:
-                group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=self.device)
-
     def _lr(self) -> float:
-        """The lr as logged: the scheduler's float (a tensor lr holds it rounded to float32)."""
-        lr = self.optimizer.param_groups[0]["lr"]
-        return float(self.scheduler.get_lr()[0]) if isinstance(lr, torch.Tensor) else lr
+        return self.optimizer.param_groups[0]["lr"]
 
     def _train_step(self, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor):
-        loss_total, correct = self._step_fn(images, targets, labels)
+        loss_total, correct = self._step_body(images, targets, labels)
         faults.point("step")
         self.scheduler.step()
         return loss_total, correct
 
     def _step_body(self, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor):
         """Forward, backward and optimizer step. Nothing here reads a value back to the host
-        (the loss and the correct count stay on the device), so under train.capturable_step the
-        whole of it is one compiled (CUDA-graph capturable) function."""
+        (the loss and the correct count stay on the device): the step never waits for the GPU."""
         cfg = self.cfg
         chunks = cfg.train.subdivision
         dual = cfg.augmentation.use_dual_cutout
@@ -367,7 +372,7 @@ class Trainer:
         for step, make_batch in self._epoch_batches():
             if self._stop_requested(step):
                 self._flush_accum(loss_sum, correct, seen, t0)
-                self.save_checkpoint()
+                self.save_checkpoint(wait=True)  # on disk before the launcher is told it is saved
                 message = f"{self.run_dir}: stopped at epoch {self.epoch + 1} step {step}; checkpoint saved"
                 if self.is_main:
                     log.warning("%s", message)  # in the job's log: where the requeued job resumes
@@ -560,11 +565,13 @@ class Trainer:
                 self.wall_seconds = wall_before + time.perf_counter() - started
                 if last or self.epoch % cfg.train.checkpoint_period == 0:
                     self.save_checkpoint()
+            self.checkpoints.wait()
         finally:
             if bar is not None:
                 bar.close()
             if board is not None:
                 board.close()
+            self.checkpoints.wait(raise_error=False)  # a crash still leaves the pending checkpoint
         self.wall_seconds = wall_before + time.perf_counter() - started
         return self._finish(evaluation)
 
@@ -573,6 +580,7 @@ class Trainer:
         cfg = self.cfg.train
         if cfg.on_divergence != "rollback" or self.rollbacks >= cfg.max_rollbacks:
             return False
+        self.checkpoints.wait()
         state = ckpt.load_latest(self.run_dir, map_location=self.device)
         if state is None:
             return False
@@ -582,7 +590,6 @@ class Trainer:
         self.scheduler.base_lrs = [b * cfg.rollback_lr_factor for b in self.scheduler.base_lrs]
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
             group["lr"] = lr
-        self._lr_kind()
         log.warning("%s; rollback %d/%d to epoch %d with the lr scaled by %g", error, rollbacks,
                     cfg.max_rollbacks, self.epoch, cfg.rollback_lr_factor ** rollbacks)
         return True

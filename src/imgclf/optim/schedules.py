@@ -256,10 +256,7 @@ class PerIterationLR(LRScheduler):
             )
         self.__dict__.update(state)
         for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
-            if isinstance(group["lr"], torch.Tensor):  # a tensor lr (train.capturable_step) stays that tensor
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
+            group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
