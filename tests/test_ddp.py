@@ -218,7 +218,8 @@ def test_an_exception_on_one_rank_stops_every_rank_within_seconds(tmp_path, fail
     started = time.time()
     mp.spawn(_failing_rank, args=(str(run), 29541 + (fail == "step"), fail, str(tmp_path)), nprocs=2, join=True)
     ends, outcomes = zip(*((tmp_path / f"rank{r}").read_text().split("\n", 1) for r in range(2)))
-    assert abs(float(ends[0]) - float(ends[1])) < 10 and time.time() - started < 120
+    # about a second on an idle machine; the bound leaves room for a loaded one (the timeout is 30 min)
+    assert abs(float(ends[0]) - float(ends[1])) < 60 and time.time() - started < 300
     if fail == "checkpoint":
         assert outcomes[0] == "OSError: [Errno 28] No space left on device"
         assert outcomes[1] == (f"RankFailed: {run}: rank 0 failed writing the checkpoint: "
