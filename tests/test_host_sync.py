@@ -115,3 +115,26 @@ def test_the_guard_catches_what_it_is_meant_to():
             bad()
     with NoHostSync():  # on-device work passes
         torch.full((2,), 0.5).add_(x[:2]).to(torch.float64).copy_(torch.zeros(2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: CUDA's own sync detector")
+@pytest.mark.parametrize("mixer", ["mixup", "cutmix", "ricap", "random_erasing"])
+def test_on_a_gpu_the_mixers_and_random_erasing_never_synchronize(mixer):
+    """On a GPU, CUDA's sync debug mode raises on any synchronizing call (a read back, a pageable copy)."""
+    from imgclf.augment import cutmix, mixup, random_erasing, ricap
+
+    fn = {"mixup": lambda x, y, g: mixup.mixup(x, y, alpha=1.0, generator=g),
+          "cutmix": lambda x, y, g: cutmix.cutmix(x, y, alpha=1.0, generator=g),
+          "ricap": lambda x, y, g: ricap.ricap(x, y, beta=0.3, generator=g),
+          "random_erasing": lambda x, y, g: random_erasing.random_erasing(
+              x, prob=0.5, area_ratio_range=(0.02, 0.4), min_aspect_ratio=0.3, max_attempt=20, generator=g)}[mixer]
+    x, y = torch.rand(8, 3, 6, 6, device="cuda"), torch.eye(4, device="cuda")[torch.arange(8, device="cuda") % 4]
+    g = torch.Generator(device="cuda").manual_seed(3)
+    fn(x, y, g)  # first call: kernels load, caches fill
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with NoHostSync():
+            fn(x, y, g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
