@@ -81,10 +81,11 @@ def _rank(rank: int, run: str, port: int, out: str) -> None:
     t._train_step = recording_step
     t.fit()
 
-    # The reference: its model under DDP (apply_data_parallel_wrapper names a GPU; on CPU ranks
-    # torch's DDP takes no device_ids), its optimizer and per-step scheduler, its train() loop.
+    # The reference as its train.py builds it: the optimizer, then the model under DDP
+    # (apply_data_parallel_wrapper names a GPU; on CPU ranks torch's DDP takes no device_ids),
+    # the per-step scheduler, its train() loop.
+    optimizer = ref.create_optimizer(rc, rm)
     ddp = nn.parallel.DistributedDataParallel(rm)
-    optimizer = ref.create_optimizer(rc, ddp)
     scheduler = ref.create_scheduler(rc, optimizer, steps_per_epoch=len(batches[1]))
     # Our batches carry soft targets (RICAP's area-weighted labels): torch's cross-entropy takes
     # them, and equals the reference's RICAPLoss (sum_k w_k CE(y_k)) on the same mix. Its
