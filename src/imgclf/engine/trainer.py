@@ -601,7 +601,8 @@ class Trainer:
         cfg = self.cfg.train
         if cfg.on_divergence != "rollback" or self.rollbacks >= cfg.max_rollbacks:
             return False
-        state = ckpt.load_latest(self.run_dir, map_location=self.device)
+        state = self._on_every_rank(lambda: ckpt.load_latest(self.run_dir, map_location=self.device),
+                                    "reading the checkpoint")
         if state is None:
             return False
         rollbacks = self.rollbacks + 1
@@ -622,6 +623,7 @@ class Trainer:
                   "config_hash": C.config_hash(self.cfg), "run_id": self.run_dir.parent.name,
                   "wall_seconds": self.wall_seconds, "train_seconds": None, "gpu": short_device_name(self.device),
                   "n_params": self.n_params, "world_size": self.world_size, "precision": self.precision.name}
+
         def write():
             if self.is_main:
                 write_json(self.run_dir / "diverged.json", result)
@@ -650,6 +652,7 @@ class Trainer:
             "config_hash": C.config_hash(self.cfg), "run_id": self.run_dir.parent.name,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+
         def write():
             if self.is_main:
                 from imgclf.utils import atomic_write_bytes
