@@ -114,8 +114,9 @@ def _two_ranks(run, port, stop_after, out):
 
 
 def test_a_stop_heard_by_rank0_alone_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
-    """Both ranks stop at the next agreement point (every STOP_CHECK_STEPS steps), rank 0 saves
-    the checkpoint, and resuming ends with the weights of an uninterrupted 2-rank run."""
+    """The vote started at the first agreement point after the request (every STOP_CHECK_STEPS
+    steps) is read at the next one: both ranks stop there, rank 0 saves the checkpoint, and
+    resuming ends with the weights of an uninterrupted 2-rank run."""
     from imgclf.engine.trainer import STOP_CHECK_STEPS
 
     cfg = {**NO_BN, "train.dist.world_size": 2}
@@ -124,9 +125,129 @@ def test_a_stop_heard_by_rank0_alone_stops_every_rank_at_one_step_and_resumes_ex
 
     cut = make_run(tmp_path / "cut", **cfg)
     outcome = _two_ranks(cut, 29532, 3, tmp_path)  # asked during the 3rd step of epoch 1
-    assert outcome == [f"stopped at epoch 0 step {STOP_CHECK_STEPS}"] * 2
+    assert outcome == [f"stopped at epoch 0 step {2 * STOP_CHECK_STEPS}"] * 2
     assert not (cut / "result.json").exists()
     assert _two_ranks(cut, 29533, None, tmp_path) == ["finished", "finished"]
     a, b = (torch.load(r / "model.pt", weights_only=True) for r in (whole, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (whole / "train_log.csv").read_text().count("\n") == (cut / "train_log.csv").read_text().count("\n")
+
+
+def test_the_stop_check_never_waits_for_its_all_reduce_nor_reads_the_device(tmp_path, monkeypatch):
+    """At each check the vote started at the previous one is read (long complete) and the next one
+    is started asynchronously, on CPU tensors: no rank blocks in it and nothing syncs the device."""
+    import threading
+
+    import torch.distributed as dist
+
+    from imgclf.engine import Trainer
+    from imgclf.engine.trainer import STOP_CHECK_STEPS
+
+    t = Trainer(make_run(tmp_path / "run", **NO_BN), progress=False)
+    t.world_size, t._control = 2, None  # one process standing in for a rank of two
+    calls = []
+
+    class Work:
+        def wait(self):
+            calls.append("wait")
+
+    def all_reduce(flag, op=None, group=None, async_op=False):
+        assert async_op and flag.device.type == "cpu"
+        calls.append(("start", float(flag[0])))
+        return Work()
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    t.stop_event = threading.Event()
+    checks = [t._stop_requested(step) for step in range(0, 2 * STOP_CHECK_STEPS)]
+    assert not any(checks) and calls == [("start", 0.0), "wait", ("start", 0.0)]
+    t.stop_event.set()
+    t._stop_vote[1].fill_(1.0)  # what the all-reduce of the other rank's flag would have brought
+    calls.clear()
+    assert t._stop_requested(2 * STOP_CHECK_STEPS) and calls == ["wait"] and t._stop_vote is None
+
+
+def _failing_rank(rank: int, run: str, port: int, fail: str, out: str) -> None:
+    """One rank of a 2-rank ``train()``; ``fail``: 'checkpoint' (rank 0's checkpoint write at the
+    end of epoch 1 fails) or 'step' (rank 1 raises in its 5th step). Writes its outcome and when."""
+    import time
+
+    from imgclf.engine import checkpoint, trainer
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if fail == "checkpoint" and rank == 0:
+        save, calls = checkpoint.save, []
+
+        def failing_save(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:  # the first is the initial state, the second epoch 1's
+                raise OSError(28, "No space left on device")
+            return save(*args, **kwargs)
+
+        checkpoint.save = failing_save
+    if fail == "step" and rank == 1:
+        step, calls = trainer.Trainer._train_step, []
+
+        def failing_step(self, *args):
+            calls.append(1)
+            if len(calls) == 5:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return step(self, *args)
+
+        trainer.Trainer._train_step = failing_step
+    try:
+        train(run, progress=False)
+        outcome = "finished"
+    except Exception as e:  # noqa: BLE001 - the outcome is what the test checks
+        outcome = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out, f"rank{rank}"), "w") as f:
+        f.write(f"{time.time()}\n{outcome}")
+
+
+@pytest.mark.parametrize("fail", ["checkpoint", "step"])
+def test_an_exception_on_one_rank_stops_every_rank_within_seconds(tmp_path, fail):
+    """A failed checkpoint write on rank 0: both ranks raise at the same point, rank 1 with rank 0's
+    cause on one line. An exception inside a step of rank 1: its process group goes down with it,
+    and rank 0's next collective fails at once (not after the group's 30-minute timeout)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    run = make_run(tmp_path / "run", **NO_BN, **{"train.dist.world_size": 2})
+    started = time.time()
+    mp.spawn(_failing_rank, args=(str(run), 29541 + (fail == "step"), fail, str(tmp_path)), nprocs=2, join=True)
+    ends, outcomes = zip(*((tmp_path / f"rank{r}").read_text().split("\n", 1) for r in range(2)))
+    # about a second on an idle machine; the bound leaves room for a loaded one (the timeout is 30 min)
+    assert abs(float(ends[0]) - float(ends[1])) < 60 and time.time() - started < 300
+    if fail == "checkpoint":
+        assert outcomes[0] == "OSError: [Errno 28] No space left on device"
+        assert outcomes[1] == (f"RankFailed: {run}: rank 0 failed writing the checkpoint: "
+                               "OSError: [Errno 28] No space left on device")
+    else:
+        assert outcomes[1] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+        assert outcomes[0] != "finished"
+    assert not (run / "result.json").exists()
+
+
+def test_the_process_group_is_destroyed_on_every_way_out_of_train(tmp_path, monkeypatch):
+    """Building the trainer or resuming it can fail after the process group is up: train() still
+    takes it down (a rank holding it open keeps the other ranks waiting)."""
+    import torch.distributed as dist
+
+    from imgclf.engine import trainer
+
+    def one_rank_group(cfg, d, device):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+    monkeypatch.setattr(trainer, "_init_distributed", one_rank_group)
+    mismatch = make_run(tmp_path / "mismatch", **NO_BN, **{"train.dist.world_size": 2})
+    with pytest.raises(ValueError, match="train.dist.world_size is 2"):
+        train(mismatch, progress=False)  # raised inside Trainer(), after the group was made
+    assert not dist.is_initialized()
+
+    (tmp_path / "store").unlink(missing_ok=True)
+    monkeypatch.setattr(trainer.Trainer, "resume", lambda self: (_ for _ in ()).throw(OSError("stale NFS handle")))
+    with pytest.raises(OSError, match="stale NFS handle"):
+        train(make_run(tmp_path / "resume", **NO_BN), progress=False)
+    assert not dist.is_initialized()

@@ -95,9 +95,49 @@ def test_impossible_devices_are_refused_in_one_line(requested, n_visible, local_
 
 
 @pytest.mark.parametrize("nodelist,first", [("gpu[07-08,11],cpu01", "gpu07"), ("node1,node2", "node1"),
-                                            ("a-b[003]", "a-b003"), ("single", "single")])
-def test_first_host_of_a_slurm_hostlist(nodelist, first):
+                                            ("a-b[003]", "a-b003"), ("single", "single"),
+                                            ("rack[1-2]-n[01-04]", "rack1-n01"), ("x[3,1]y[2]", "x3y2")])
+def test_first_host_of_a_slurm_hostlist(nodelist, first, monkeypatch):
+    monkeypatch.setenv("PATH", "")  # no scontrol: the parser's answer
     assert distenv.first_host(nodelist) == first
+
+
+@pytest.mark.parametrize("nodelist,hosts", [
+    ("gpu[07-08,11],cpu01", ["gpu07", "gpu08", "gpu11", "cpu01"]),
+    ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
+    ("n[098-101]", ["n098", "n099", "n100", "n101"]),  # the start's padding, past its width
+    ("a[1-2]b,c[9-10]", ["a1b", "a2b", "c9", "c10"]),
+    ("r[1]-s[2]-t[3,5]", ["r1-s2-t3", "r1-s2-t5"]),
+    (" node7 ", ["node7"]),
+])
+def test_a_slurm_hostlist_expands_like_scontrol_show_hostnames(nodelist, hosts):
+    assert distenv.hostnames(nodelist) == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["", "gpu[07-08", "gpu07]", "gpu[a-b]", "gpu[3-1]", "a,,b", "a[1-2,]"])
+def test_a_malformed_hostlist_is_refused_in_one_line(nodelist):
+    with pytest.raises(ValueError, match="SLURM_JOB_NODELIST") as e:
+        distenv.hostnames(nodelist)
+    assert "\n" not in str(e.value)
+
+
+def test_first_host_asks_scontrol_where_slurm_is_installed(tmp_path, monkeypatch):
+    fake = tmp_path / "scontrol"
+    fake.write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && echo "$3-from-slurm" && echo other\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert distenv.first_host("rack[1-2]-n[01-04]") == "rack[1-2]-n[01-04]-from-slurm"
+    fake.write_text("#!/bin/sh\nexit 1\n")  # scontrol fails (no slurm.conf): the parser answers
+    assert distenv.first_host("rack[1-2]-n[01-04]") == "rack1-n01"
+
+
+def test_the_rendezvous_port_avoids_the_ephemeral_range_and_well_known_ports():
+    """Linux hands out 32768-60999 to outgoing connections: a rendezvous port there can already
+    be taken when rank 0 binds it."""
+    ports = {distenv.job_port(str(job)) for job in range(20000)}
+    assert min(ports) >= 1024 and max(ports) < 32768
+    assert not ports & distenv.RESERVED_PORTS and {29500, 29400, 27017} <= distenv.RESERVED_PORTS
+    assert len(ports) > 10000  # still spread: two jobs on a node rarely collide
 
 
 # --------------------------------------------------------------------------- the launcher's job setup

@@ -17,10 +17,13 @@ def sample_beta(a: float, b: float, shape: tuple[int, ...], *, generator: torch.
     Uses X/(X+Y) with X ~ Gamma(a), Y ~ Gamma(b), the standard Beta construction.
     ``torch._standard_gamma`` is the one Gamma sampler in torch that accepts a
     generator (``torch.distributions.Gamma`` calls it without one). The draw stays
-    on the device, so no host sync is needed.
+    on the device, so no host sync is needed; so are its shape parameters: ``torch.full``
+    fills them on the device, where ``torch.tensor([a, b], device=...)`` would copy a host
+    buffer to the GPU at every step.
     """
     device = generator.device if device is None else device
-    alphas = torch.tensor([a, b], dtype=torch.float64, device=device).expand(*shape, 2).contiguous()
+    alphas = torch.stack([torch.full(shape, a, dtype=torch.float64, device=device),
+                          torch.full(shape, b, dtype=torch.float64, device=device)], dim=-1)
     g = torch._standard_gamma(alphas, generator=generator)
     x, y = g.unbind(-1)
     total = x + y

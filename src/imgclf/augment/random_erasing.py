@@ -71,8 +71,16 @@ def random_erasing(x: Tensor, *, prob: float, area_ratio_range, min_aspect_ratio
     in_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])
     in_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])
     mask = in_rows[:, :, None] & in_cols[:, None, :] & (applied & found)[:, None, None]
-    low = torch.as_tensor(fill_low, dtype=x.dtype, device=device).reshape(-1, 1, 1)
-    high = torch.as_tensor(fill_high, dtype=x.dtype, device=device).reshape(-1, 1, 1)
+    low, high = (_fill_bound(b, x.dtype, device) for b in (fill_low, fill_high))
     u = torch.rand(n, 1, 1, 1, generator=generator, device=device, dtype=x.dtype)
     fill = u * (high - low) + low  # (N, C, 1, 1): one value per rectangle (and channel bound)
     return torch.where(mask[:, None], fill, x)
+
+
+def _fill_bound(bound: float | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A fill bound as a (1 | C, 1, 1) tensor on ``device``. A number is filled in on the device
+    (the same value ``torch.tensor`` would round it to) rather than copied from the host at
+    every step."""
+    if isinstance(bound, Tensor):
+        return bound.to(device=device, dtype=dtype).reshape(-1, 1, 1)
+    return torch.full((1, 1, 1), bound, dtype=dtype, device=device)

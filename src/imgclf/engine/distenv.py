@@ -16,15 +16,23 @@ when SLURM/submitit binds one GPU per task (its CUDA_VISIBLE_DEVICES holds one i
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import re
+import shutil
+import subprocess
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
-# submitit's port range, seeded by the job id, so every task of a job agrees without talking.
-MIN_PORT, MAX_PORT = 20000, 60000
+# The rendezvous port, drawn from the job id so every task of a job agrees without talking. The
+# range sits below Linux's ephemeral ports (32768-60999 by default): a port there can be taken at
+# any moment by some process's outgoing connection, and the rendezvous would fail to bind.
+MIN_PORT, MAX_PORT = 15000, 32767
+# Well-known listeners inside that range: torch's default rendezvous ports (a torchrun on the same
+# node), RabbitMQ's management UI, GlusterFS, MongoDB.
+RESERVED_PORTS = frozenset({15672, 24007, 24008, 27017, 27018, 27019, 28017, 29400, 29500})
 EXPORTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -55,19 +63,60 @@ def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
         raise ValueError(f"environment: {key}={raw!r} is not an integer") from None
 
 
+def hostnames(nodelist: str) -> list[str]:
+    """Every hostname of a SLURM hostlist, in SLURM's order: 'gpu[07-08,11],cpu01' ->
+    gpu07 gpu08 gpu11 cpu01. A host may hold several bracket groups ('rack[1-2]-n[01-02]' ->
+    rack1-n01 rack1-n02 rack2-n01 rack2-n02); a range keeps its start's zero padding."""
+    text = nodelist.strip()
+    bad = ValueError(f"environment: SLURM_JOB_NODELIST={nodelist!r} is not a SLURM hostlist")
+    if not text:
+        raise bad
+    hosts: list[str] = []
+    for host in re.findall(r"(?:[^,\[\]]|\[[^\[\]]*\])+", text):
+        # Literal text and bracket groups alternate; each group is one axis of a product.
+        parts = re.split(r"\[([^\[\]]*)\]", host)
+        axes = [[p] if i % 2 == 0 else _expand_ranges(p, bad) for i, p in enumerate(parts)]
+        hosts.extend("".join(names) for names in itertools.product(*axes))
+    # Whatever the pattern above skipped (an unbalanced bracket, an empty entry) is malformed.
+    if ",".join(re.findall(r"(?:[^,\[\]]|\[[^\[\]]*\])+", text)) != text:
+        raise bad
+    return hosts
+
+
+def _expand_ranges(ranges: str, bad: ValueError) -> list[str]:
+    """'01-03,7' -> ['01', '02', '03', '7']."""
+    out: list[str] = []
+    for item in ranges.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip())
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise bad
+        lo, hi = m.group(1), m.group(2) or m.group(1)
+        out.extend(str(k).zfill(len(lo)) for k in range(int(lo), int(hi) + 1))
+    return out
+
+
 def first_host(nodelist: str) -> str:
-    """The first hostname of a SLURM hostlist: 'gpu[07-08,11],cpu01' -> 'gpu07'."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m or not nodelist.strip():
-        raise ValueError(f"environment: SLURM_JOB_NODELIST={nodelist!r} is not a SLURM hostlist")
-    prefix, ranges = m.group(1), m.group(2)
-    if ranges is None:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    """The first hostname of a SLURM hostlist: SLURM's own ``scontrol show hostnames`` where it
+    is installed (it knows every syntax SLURM accepts), else :func:`hostnames`."""
+    scontrol = shutil.which("scontrol")
+    if scontrol and nodelist.strip():
+        try:
+            out = subprocess.run([scontrol, "show", "hostnames", nodelist.strip()], capture_output=True,
+                                 text=True, timeout=10)
+            names = out.stdout.split()
+            if out.returncode == 0 and names:
+                return names[0]
+        except (OSError, subprocess.SubprocessError):
+            pass  # the parser below reads the same hostlists
+    return hostnames(nodelist)[0]
 
 
 def job_port(job_id: str) -> int:
-    return random.Random(job_id).randint(MIN_PORT, MAX_PORT)
+    draws = random.Random(job_id)
+    while True:
+        port = draws.randint(MIN_PORT, MAX_PORT)
+        if port not in RESERVED_PORTS:
+            return port
 
 
 def resolve(env: Mapping[str, str]) -> DistEnv:

@@ -39,8 +39,10 @@ from .precision import Precision, apply_backend_flags, backend_flags, guard_fuse
 
 log = logging.getLogger(__name__)
 # With several ranks only global rank 0 hears SLURM's warning signal (submitit checkpoints on
-# rank 0 alone), so the ranks agree on a stop every STOP_CHECK_STEPS steps with one tiny
-# all-reduce, and all stop at the same step.
+# rank 0 alone), so the ranks agree on a stop every STOP_CHECK_STEPS steps: each check starts an
+# asynchronous all-reduce of the stop flag on a CPU process group and reads the one the previous
+# check started, so no rank waits for it and the device never syncs for it, and every rank stops
+# at the same step (the check after the one that saw the request).
 STOP_CHECK_STEPS = 10
 # train.epoch_augmentation_draws batched: samples per per-sample transform call (whole global
 # batches; a fixed number, so the draws do not depend on the memory budget). 16384 makes a CIFAR
@@ -74,6 +76,10 @@ class Preempted(RuntimeError):
 
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class RankFailed(RuntimeError):
+    """Another rank failed; raised on every rank but that one, with its cause on one line."""
 
 
 def environment(device: torch.device, world_size: int) -> dict[str, Any]:
@@ -126,6 +132,10 @@ class Trainer:
         self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
         distenv.per_rank_batch(cfg.train.batch_size, self.world_size, cfg.train.subdivision)
         _init_distributed(cfg, self.dist_env, self.device)
+        # The ranks' agreements (stop, failure) travel on the host: a gloo group of CPU tensors,
+        # whatever the training backend, so reading them never waits for the device.
+        self._control = dist.new_group(backend="gloo") if self.world_size > 1 else None
+        self._stop_vote: tuple[Any, torch.Tensor] | None = None  # (work, flag) of the last check
         if cfg.train.dist.world_size > 0 and cfg.train.dist.world_size != self.world_size:
             # The world size is part of the run's identity (BN statistics are per rank).
             raise ValueError(f"train.dist.world_size is {cfg.train.dist.world_size} but {self.world_size} "
@@ -254,22 +264,58 @@ class Trainer:
     def save_checkpoint(self, wait: bool = False) -> None:
         """Rank 0 hands the state to the background writer (a CPU copy: the training goes on
         while it is serialised, hashed and fsynced) and train_log.csv follows it to disk.
-        ``wait``: return once both are on disk."""
-        if self.is_main:
-            rows = list(self.log_rows)
-            self.checkpoints.submit(self.state_dict(), after=lambda: self._write_log(rows))
-            if wait:
-                self.checkpoints.wait()
+        ``wait``: return once both are on disk. A failed write (this one's or the previous
+        background one's) stops every rank here, together."""
+        def write():
+            if self.is_main:
+                rows = list(self.log_rows)
+                self.checkpoints.submit(self.state_dict(), after=lambda: self._write_log(rows))
+                if wait:
+                    self.checkpoints.wait()
+
+        self._on_every_rank(write, "writing the checkpoint")
+
+    def _read_checkpoint(self) -> dict[str, Any] | None:
+        def read():
+            self.checkpoints.wait()
+            return ckpt.load_latest(self.run_dir, map_location=self.device)
+
+        return self._on_every_rank(read, "reading the checkpoint")
 
     def resume(self) -> bool:
-        self.checkpoints.wait()
-        state = ckpt.load_latest(self.run_dir, map_location=self.device)
+        state = self._read_checkpoint()
         if state is None:
             return False
         self.load_state_dict(state)
         if self.is_main:
             self._write_log()  # drop rows written after this checkpoint: the log never duplicates
         return True
+
+    def _on_every_rank(self, action, what: str):
+        """Run ``action`` (this rank's side of a step every rank takes at the same point: rank 0's
+        writes, each rank's reads) and return its result; if it raised on any rank, every rank
+        raises here, together: the failed rank its own exception, the others RankFailed with the
+        cause on one line. A rank that raised alone would leave the others waiting in their next
+        collective until the process group's timeout."""
+        error: Exception | None = None
+        result = None
+        try:
+            result = action()
+        except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
+            error = e
+        if self.world_size > 1:
+            failed = torch.tensor([float(error is not None)])
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self._control)
+            if failed.item():
+                causes: list[str | None] = [None] * self.world_size
+                cause = f"{type(error).__name__}: {error}".replace("\n", " ") if error is not None else None
+                dist.all_gather_object(causes, cause, group=self._control)
+                if error is None:
+                    rank, cause = next((r, c) for r, c in enumerate(causes) if c is not None)
+                    raise RankFailed(f"{self.run_dir}: rank {rank} failed {what}: {cause}")
+        if error is not None:
+            raise error
+        return result
 
     def _write_log(self, rows: list[dict[str, Any]] | None = None) -> None:
         buf = io.StringIO()
@@ -492,9 +538,23 @@ class Trainer:
             return self.stop_event.is_set()
         if step % STOP_CHECK_STEPS:
             return False
-        flag = torch.tensor(float(self.stop_event.is_set()), device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        stop = False
+        if self._stop_vote is not None:  # started STOP_CHECK_STEPS steps ago: long done
+            work, flag = self._stop_vote
+            work.wait()
+            stop = bool(flag.item())  # a CPU tensor: no device sync
+            self._stop_vote = None
+        if not stop:  # (every rank read the same flag, so every rank starts the next vote or none)
+            flag = torch.tensor([float(self.stop_event.is_set())])
+            self._stop_vote = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control, async_op=True),
+                               flag)
+        return stop
+
+    def _end_stop_vote(self) -> None:
+        """Wait for the vote in flight: every rank started it, so it completes at once."""
+        if self._stop_vote is not None:
+            self._stop_vote[0].wait()
+            self._stop_vote = None
 
     def _flush_accum(self, loss_sum, correct, seen, t0) -> None:
         if self.world_size > 1:
@@ -511,9 +571,8 @@ class Trainer:
         cfg = self.cfg
         epochs = cfg.scheduler.epochs
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
-            write_json(self.run_dir / "env.json", {**environment(self.device, self.world_size),
-                                                   "precision": self.precision.name, **self.backend_flags})
+        env = {**environment(self.device, self.world_size), "precision": self.precision.name, **self.backend_flags}
+        self._on_every_rank(lambda: self.is_main and write_json(self.run_dir / "env.json", env), "writing env.json")
         started = time.perf_counter()
         wall_before = self.wall_seconds
         bar = None
@@ -565,13 +624,14 @@ class Trainer:
                 self.wall_seconds = wall_before + time.perf_counter() - started
                 if last or self.epoch % cfg.train.checkpoint_period == 0:
                     self.save_checkpoint()
-            self.checkpoints.wait()
+            self._on_every_rank(self.checkpoints.wait, "writing the checkpoint")
         finally:
             if bar is not None:
                 bar.close()
             if board is not None:
                 board.close()
             self.checkpoints.wait(raise_error=False)  # a crash still leaves the pending checkpoint
+        self._end_stop_vote()
         self.wall_seconds = wall_before + time.perf_counter() - started
         return self._finish(evaluation)
 
@@ -580,8 +640,7 @@ class Trainer:
         cfg = self.cfg.train
         if cfg.on_divergence != "rollback" or self.rollbacks >= cfg.max_rollbacks:
             return False
-        self.checkpoints.wait()
-        state = ckpt.load_latest(self.run_dir, map_location=self.device)
+        state = self._read_checkpoint()
         if state is None:
             return False
         rollbacks = self.rollbacks + 1
@@ -601,9 +660,14 @@ class Trainer:
                   "config_hash": C.config_hash(self.cfg), "run_id": self.run_dir.parent.name,
                   "wall_seconds": self.wall_seconds, "train_seconds": None, "gpu": short_device_name(self.device),
                   "n_params": self.n_params, "world_size": self.world_size, "precision": self.precision.name}
-        if self.is_main:
-            write_json(self.run_dir / "diverged.json", result)
-            write_json(self.run_dir / "result.json", result)
+
+        def write():
+            if self.is_main:
+                write_json(self.run_dir / "diverged.json", result)
+                write_json(self.run_dir / "result.json", result)
+
+        self._end_stop_vote()
+        self._on_every_rank(write, "writing diverged.json")
         log.error("%s", error)
         return result
 
@@ -642,13 +706,17 @@ class Trainer:
             test = self._evaluate(test=True)
             result.update(val_error=last["test_error"], val_loss=last["test_loss"], test_error=test["test_error"],
                           test_loss=test["test_loss"])
-        if self.is_main:
-            from imgclf.utils import atomic_write_bytes
 
-            buf = io.BytesIO()
-            torch.save(self.model.state_dict(), buf)
-            atomic_write_bytes(self.run_dir / "model.pt", buf.getvalue())
-            write_json(self.run_dir / "result.json", result)  # last: its existence means "complete"
+        def write():
+            if self.is_main:
+                from imgclf.utils import atomic_write_bytes
+
+                buf = io.BytesIO()
+                torch.save(self.model.state_dict(), buf)
+                atomic_write_bytes(self.run_dir / "model.pt", buf.getvalue())
+                write_json(self.run_dir / "result.json", result)  # last: its existence means "complete"
+
+        self._on_every_rank(write, "writing the model and result.json")
         return result
 
 
@@ -704,11 +772,15 @@ def _init_distributed(cfg: C.Config, d: distenv.DistEnv, device: torch.device) -
 
 def train(run_dir: str | Path, *, resume: bool = True, progress: bool | None = None,
           stop_event: threading.Event | None = None) -> dict[str, Any]:
-    """Train the run in ``run_dir`` (which holds config.yaml) to completion; returns result.json's dict."""
-    trainer = Trainer(run_dir, progress=progress, stop_event=stop_event)
-    if resume:
-        trainer.resume()
+    """Train the run in ``run_dir`` (which holds config.yaml) to completion; returns result.json's dict.
+
+    The process group goes on every way out, a failure to build the trainer or to resume included:
+    a rank that ends tears down its connections, so the other ranks' collectives fail at once
+    instead of waiting for the group's timeout."""
     try:
+        trainer = Trainer(run_dir, progress=progress, stop_event=stop_event)
+        if resume:
+            trainer.resume()
         return trainer.fit()
     finally:
         if dist.is_initialized():
