@@ -17,7 +17,7 @@ from conftest import REPO, TINY, make_run
 
 
 def test_memory_is_per_task_so_a_multi_gpu_job_asks_for_it_per_gpu(tmp_path):
-    """issue 13 #3: 4 and 8 ranks on a node must not share one task's 8 GB."""
+    """4 and 8 ranks on a node must not share one task's 8 GB."""
     from imgclf.launch import Resources, get
 
     for gpus, mem in ((1, "8GB"), (4, "32GB"), (8, "64GB")):
@@ -28,7 +28,7 @@ def test_memory_is_per_task_so_a_multi_gpu_job_asks_for_it_per_gpu(tmp_path):
 
 
 def test_cluster_profile_asks_for_one_gpu_per_job_by_default():
-    """issue 13 #11: the cluster profile's settings give every training job a GPU."""
+    """the cluster profile's settings give every training job a GPU."""
     profile = yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())
     cluster = yaml.safe_load((REPO / "slurm" / profile["configfile"]).read_text())
     assert cluster["launcher"] == "slurm" and cluster["resources"]["gpus"] == 1
@@ -175,7 +175,7 @@ def test_status_lists_every_seed(tmp_path):
 
 
 def test_numbers_do_not_depend_on_the_cpus_a_job_is_given(tmp_path):
-    """issue 15 #5: the same config trained with 1 or 2 torch threads in the process ends with the
+    """the same config trained with 1 or 2 torch threads in the process ends with the
     same weights: the thread count is the config's (train.threads), and part of the run id."""
     from imgclf import config as C
     from imgclf.engine import train
@@ -198,7 +198,7 @@ def test_numbers_do_not_depend_on_the_cpus_a_job_is_given(tmp_path):
 
 
 def test_a_finished_job_ignores_a_late_warning_signal(tmp_path):
-    """issue 15 #6: SLURM's USR2 arriving after the run finished killed the task (sacct: FAILED 12:0)."""
+    """SLURM's USR2 arriving after the run finished killed the task (sacct: FAILED 12:0)."""
     run = make_run(tmp_path / "run", **{"scheduler.epochs": 1})
     code = ("import os, signal, sys; sys.path.insert(0, sys.argv[2]); from imgclf.launch import TrainJob; "
             "TrainJob(sys.argv[1])(); os.kill(os.getpid(), signal.SIGUSR2); print('survived')")
@@ -209,7 +209,7 @@ def test_a_finished_job_ignores_a_late_warning_signal(tmp_path):
 
 
 def test_a_missing_ci_service_fails_under_ci_and_skips_elsewhere(monkeypatch):
-    """issue 15 #7: CI could go green with the SLURM cluster or the data paths missing."""
+    """CI could go green with the SLURM cluster or the data paths missing."""
     from conftest import require
 
     require(True, "present")  # nothing happens
@@ -222,7 +222,7 @@ def test_a_missing_ci_service_fails_under_ci_and_skips_elsewhere(monkeypatch):
 
 
 def test_scheduler_polling_stays_one_query_per_period_whatever_the_seeds_in_flight(tmp_path):
-    """issue 15 #4: 500 waiting seeds must not mean 500 sacct queries a period. 10 processes
+    """500 waiting seeds must not mean 500 sacct queries a period. 10 processes
     polling 500 job ids each, at once, cost one sacct call in all (a fake sacct counts them)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

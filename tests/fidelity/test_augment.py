@@ -1,4 +1,4 @@
-"""Area 6, augmentations: our batched draws have the distributions of the reference's per-sample
+"""Augmentations: our batched draws have the distributions of the reference's per-sample
 transforms and collators, for every configuration a table row uses.
 
 Each comparison takes N = 10,000 draws from each side (seeded, so the test is deterministic) and

@@ -1,4 +1,4 @@
-"""Data against the reference (area 7): normalisation constants and transform order, per dataset.
+"""Data against the reference: normalisation constants and transform order, per dataset.
 
 The reference normalizes with fixed constants per dataset (not with statistics measured on the
 data), in float64 on each image after the crop and flip and before Cutout / Random Erasing /

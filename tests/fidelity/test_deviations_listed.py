@@ -23,8 +23,8 @@ def _code_notes() -> dict[str, list[str]]:
 
 
 def _readme_titles() -> set[str]:
-    text = (REPO / "README.md").read_text()
-    section = text.split("### Known differences from the reference", 1)[1].split("\n## ", 1)[0]
+    text = (REPO / "docs" / "fidelity.md").read_text(encoding="utf-8")
+    section = text.split("## Known differences from the reference", 1)[1].split("\n# ", 1)[0]
     return {t.replace("`", "") for t in re.findall(r"^- \*\*(.+?)\*\*", section, flags=re.M)}
 
 

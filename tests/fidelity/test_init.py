@@ -1,4 +1,4 @@
-"""Initialisation against the reference's initializer (area 2): for each family (its smallest
+"""Initialisation against the reference's initializer: for each family (its smallest
 table configuration) and each ``model.init_mode``, every conv and fully connected layer's weight
 mean and std agree with the reference layer's, within the sampling error of two independent
 draws; BN starts at weight 1 / bias 0 and linear biases at 0, exactly.

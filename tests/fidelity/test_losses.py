@@ -1,4 +1,4 @@
-"""Area 5, losses: on identical logits and targets, our soft-target losses equal the reference's
+"""Losses: on identical logits and targets, our soft-target losses equal the reference's
 ``create_loss`` for label smoothing, mixup, CutMix, RICAP and Dual-Cutout, with the parameters the
 table rows use, and the combinations the rows use (none: each row uses at most one of them).
 """

@@ -1,4 +1,4 @@
-"""Models against the reference (area 1): every distinct model configuration the tables train,
+"""Models against the reference: every distinct model configuration the tables train,
 enumerated from imgclf's own plan. The reference's weights (and BN statistics, randomized so
 that eval mode is not a no-op) are copied into ours through a layer mapping built from the
 order in which a forward pass calls the layers; then eval-mode outputs agree to 1e-5, and

@@ -1,4 +1,4 @@
-"""Area 3, optimizers: parameter groups tensor by tensor, and optimizer / training steps from the
+"""Optimizers: parameter groups tensor by tensor, and optimizer / training steps from the
 same weights and gradients, against the reference implementation.
 
 Models are paired tensor by tensor (oracle.paired_parameters). The reference's optimizer is its

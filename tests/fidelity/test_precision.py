@@ -1,4 +1,4 @@
-"""Precision against the reference (area 8). The reference's train.py hands apex nothing but
+"""Precision against the reference. The reference's train.py hands apex nothing but
 ``opt_level``, so its rows ran apex's defaults: the ``fp16`` rows (O3) in pure fp16 with
 BatchNorm in fp16, no fp32 master weights and a static loss scale of 1.0. imgclf's fp16 must be
 that, and O0-O2 must map as the precision module documents. (CPU only: what the engine casts

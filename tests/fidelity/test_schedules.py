@@ -1,4 +1,4 @@
-"""Area 4, schedules: for every table row, our learning rate at every optimizer step equals the
+"""Schedules: for every table row, our learning rate at every optimizer step equals the
 reference scheduler's (its ``create_scheduler``: a ``LambdaLR`` over combined pieces).
 
 Rows are enumerated through imgclf's own table specs; rows with the same schedule and steps per
