@@ -114,11 +114,11 @@ def test_use_tensorboard_without_tensorboard_is_one_line(monkeypatch, tmp_path):
         _Board(tmp_path, purge_step=None)
     import importlib.util
 
-    from imgclf.cli import _preflight
+    from imgclf.runs import preflight
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else object())
     with pytest.raises(C.ConfigError, match=r"^train.use_tensorboard: needs the tensorboard package"):
-        _preflight(C.build(DIGITS, {**TINY, "train.use_tensorboard": True}))
+        preflight(C.build(DIGITS, {**TINY, "train.use_tensorboard": True}))
 
 
 # --------------------------------------------------------------------------- the census
@@ -135,7 +135,7 @@ ACCEPTED_UNREAD = {
     "train.dist.node_rank": "the reference's launch option; torchrun/SLURM's environment gives the rank",
 }
 # Keys whose non-default values are refused, with a value that shows it.
-REFUSED_NON_DEFAULT = {"train.start_epoch": 3}
+REFUSED_NON_DEFAULT = {"train.start_epoch": 3, "train.capturable_step": True}
 
 
 def _source_without_config() -> str:

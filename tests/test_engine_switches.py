@@ -446,5 +446,6 @@ def test_sync_bn_converts_every_batchnorm_and_refuses_cpu_ranks_clearly(tmp_path
     two_ranks = engine_trainer.distenv.DistEnv(rank=0, world_size=2, local_world_size=2)
     monkeypatch.setattr(engine_trainer.distenv, "current", lambda device: (two_ranks, torch.device("cpu")))
     monkeypatch.setattr(engine_trainer, "_init_distributed", lambda *args: None)  # 2 ranks, no group needed
+    monkeypatch.setattr(engine_trainer.dist, "new_group", lambda **kwargs: None)  # nor the ranks' control group
     with pytest.raises(ValueError, match=r"^train.dist.use_sync_bn: SyncBatchNorm needs GPU ranks[^\n]*$"):
         Trainer(make_run(tmp_path / "run", **ONE_STEP, **{"train.dist.use_sync_bn": True}), progress=False)

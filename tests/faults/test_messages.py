@@ -108,11 +108,13 @@ def test_garbage_job_record_is_named_in_a_warning_not_dropped_silently(tmp_path,
 
 def test_slurm_state_cache_of_another_shape_is_refreshed(tmp_path, monkeypatch):
     cache = tmp_path / "states.json"
-    monkeypatch.setattr(jobs, "_cache_path", lambda: cache)
-    monkeypatch.setattr(jobs, "_sacct", lambda *a: {"7": "RUNNING"})
+    from imgclf.launch import slurm
+
+    monkeypatch.setattr(slurm, "_cache_path", lambda: cache)
+    monkeypatch.setattr(slurm, "_sacct", lambda *a: {"7": "RUNNING"})
     for garbage in ("[]", "{}", '{"time": "x", "states": []}', "{not json"):
         cache.write_text(garbage)
-        assert jobs.slurm_states(["7"]) == {"7": "RUNNING"}, garbage
+        assert slurm.slurm_states(["7"]) == {"7": "RUNNING"}, garbage
 
 
 # --------------------------------------------------------------------------- overrides and keys
