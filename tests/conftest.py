@@ -102,3 +102,12 @@ def stop_during_step(trainer, n: int, stop) -> None:
         return inner(*args)
 
     trainer._train_step = counting
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A scratch working folder: the cache under resources/cache, the data root under data/."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IMGCLF_CACHE_DIR", str(tmp_path / "resources" / "cache"))
+    monkeypatch.setenv("IMGCLF_DATA_ROOT", str(tmp_path / "data"))
+    return tmp_path

@@ -50,15 +50,6 @@ def _tree(root: Path) -> dict[str, str]:
     return out
 
 
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    """A scratch working folder: the cache under resources/cache, the data root under data/."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("IMGCLF_CACHE_DIR", str(tmp_path / "resources" / "cache"))
-    monkeypatch.setenv("IMGCLF_DATA_ROOT", str(tmp_path / "data"))
-    return tmp_path
-
-
 def refused(work: Path, capsys, argv: list[str], *expect: str) -> str:
     """Run the CLI; assert exit 2, one stderr line holding ``expect``, and nothing written."""
     before = _tree(work)

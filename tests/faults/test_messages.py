@@ -25,14 +25,6 @@ BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] + [
     f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")]) + "\n"
 
 
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("IMGCLF_CACHE_DIR", str(tmp_path / "resources" / "cache"))
-    monkeypatch.setenv("IMGCLF_DATA_ROOT", str(tmp_path / "data"))
-    return tmp_path
-
-
 def refused(capsys, argv: list[str], *expect: str) -> str:
     capsys.readouterr()
     rc = main([str(a) for a in argv])
