@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from conftest import DIGITS, RECIPES, REPO, TINY, imgclf_cmd, make_run, planned_jobs
-from test_hostile_input import ROW, _finish, _spec, _tree, digits_train, refused, tiny, work  # noqa: F401
+from test_hostile_input import ROW, _finish, _spec, _tree, digits_train, refused, tiny  # noqa: F401
 
 from imgclf import config as C, records, runs, status
 from imgclf.cli import main
