@@ -32,7 +32,7 @@ _OPTION_VALUE = re.compile(r"[A-Za-z0-9_.,:/=+@%*|&!\[\]-]{1,200}")
 NUMBERS: dict[str, tuple[type, float, float]] = {
     "gpus": (int, 0, 64), "nodes": (int, 1, 4096), "tasks": (int, 1, 1024), "cpus_per_task": (int, 1, 1024),
     "mem_gb": (float, 0.001, 65536), "time_min": (int, 1, 525_600), "signal_delay_s": (int, 1, 86_400),
-    "max_requeues": (int, 0, 1000),
+    "max_requeues": (int, 0, 1000), "seeds_per_gpu": (int, 1, 64),
 }
 NAMES = ("partition", "account", "qos")
 
@@ -100,6 +100,19 @@ def problem(key: str, value: Any) -> str | None:
     return f"unknown key (known: {', '.join([*NUMBERS, *NAMES, 'extra'])})"
 
 
+def pack_problem(values: dict[str, Any]) -> str | None:
+    """Why the resources ``values`` cannot pack several seeds into one job, or None: a packed seed
+    is one process, so a job of a multi-rank (DDP) run takes one seed."""
+    k = values.get("seeds_per_gpu", 1)
+    if not isinstance(k, int) or k <= 1:
+        return None
+    gpus, tasks, nodes = (values.get(key, default) for key, default in (("gpus", 0), ("tasks", 1), ("nodes", 1)))
+    if nodes != 1 or (gpus or 0) > 1 or (not gpus and tasks != 1):
+        return (f"seeds_per_gpu: {k} packs one-process seeds, but the job asks for {nodes} node(s), "
+                f"{gpus or 0} GPU(s), {tasks} task(s) (packing needs nodes 1, gpus 0 or 1, tasks 1)")
+    return None
+
+
 def check(values: dict[str, Any], where: str, section: str = "resources") -> None:
     """Raise :class:`ResourceError` ``"<where>: <section>.<key>: ..."`` for the first bad value."""
     for key, value in values.items():
@@ -131,9 +144,15 @@ class Resources:
     signal_delay_s: int = 90
     max_requeues: int = 3
     extra: dict[str, Any] = field(default_factory=dict)  # more sbatch options (submitit's slurm_additional_parameters)
+    # Seeds trained side by side in one job, each its own process on the job's one GPU (or, with
+    # gpus 0, its CPUs): a job of k seeds asks for k x cpus_per_task CPUs and k x mem_gb.
+    seeds_per_gpu: int = 1
 
     def __post_init__(self):
         check(asdict(self), "resources")
+        said = pack_problem(asdict(self))
+        if said:
+            raise ResourceError(f"resources: {said}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None, where: str, section: str = "resources") -> "Resources":
