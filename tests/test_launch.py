@@ -246,7 +246,6 @@ import os
 from pathlib import Path
 
 from imgclf.launch import Launcher, register
-from imgclf.launch.trainjob import TrainJob
 
 
 class _Job:
@@ -271,10 +270,10 @@ class FakeLauncher(Launcher):
     def started(self, env):
         return bool(env.get("FAKE_LAUNCHER_JOB"))
 
-    def submit(self, run_dir, resources, job_name, evaluate):
-        folder = Path(run_dir) / "fake"
+    def submit(self, folder, resources, job_name, task):
+        folder = Path(folder)
         folder.mkdir(exist_ok=True)
-        return _Job(f"f{os.getpid()}", folder, TrainJob(run_dir, evaluate=evaluate))
+        return _Job(f"f{os.getpid()}", folder, task)
 
 
 register(FakeLauncher())

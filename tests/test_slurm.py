@@ -299,3 +299,67 @@ def test_rerun_reattaches_to_the_queued_job_and_a_cancelled_job_is_not_retried(t
     assert "(not retried: CANCELLED cannot pass on another try)" in said
     # never a second job ("CANCELLED by <uid>")
     assert [(j[0], j[1].split()[0]) for j in sacct_jobs(f"{run.name}/seed0", since)] == [(job_id, "CANCELLED")]
+
+
+# --- several seeds in one job (resources.seeds_per_gpu) -------------------------------------------
+
+def test_three_packed_seeds_are_one_slurm_job_and_a_preemption_resumes_all_three_bit_exactly(tmp_path):
+    from imgclf.engine import train
+    from imgclf.launch import Resources, get, jobs
+
+    long = {"scheduler.epochs": 25}
+    dirs = [make_run(tmp_path / "packed" / f"seed{s}", **long, **{"train.seed": s}) for s in range(3)]
+    refs = [make_run(tmp_path / "solo" / f"seed{s}", **long, **{"train.seed": s}) for s in range(3)]
+    since = time.time()
+    res = Resources(time_min=20, cpus_per_task=1, mem_gb=1, max_requeues=3)
+    box = {}
+    import threading
+
+    waiter = threading.Thread(target=lambda: box.update(out=jobs.launch_pack(
+        tmp_path / "pack", dirs, get("slurm"), res, "pack-preempt-test")), daemon=True)
+    waiter.start()
+    wait_for(lambda: all((d / "checkpoint.pt").exists() for d in dirs), 300, "every seed's first checkpoint")
+    job_id = json.loads((dirs[0] / "job.json").read_text())["job_id"]
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # SLURM's preemption warning
+    for d in refs:
+        train(d, progress=False)  # meanwhile, in this process
+    waiter.join(timeout=600)
+    out = box["out"]
+    assert [out[d]["epochs"] for d in dirs] == [25, 25, 25]
+    (job,) = sacct_jobs("pack-preempt-test", since)  # one SLURM job for the three seeds
+    assert job[0] == job_id and job[1] == "COMPLETED"
+    for d, ref in zip(dirs, refs):
+        assert json.loads((d / "job.json").read_text())["job_id"] == job_id
+        weights = torch.load(d / "model.pt", weights_only=True)
+        expected = torch.load(ref / "model.pt", weights_only=True)
+        assert all(torch.equal(weights[k], expected[k]) for k in expected), d.name
+        log = "".join(p.read_text() for p in (d / "submitit").glob("pack_*.log"))
+        assert re.search(r"stopped at epoch \d+ step \d+; checkpoint saved", log), d.name  # really interrupted
+        assert len((d / "train_log.csv").read_text().splitlines()) == 1 + long["scheduler.epochs"]
+
+
+def test_a_failing_packed_seed_leaves_the_others_finished_and_says_why_on_one_line(tmp_path):
+    rows = [tiny_row("ok_a"), tiny_row("ok_b", **{"train.base_lr": 0.05}),
+            # fails inside the job, not at planning: a GPU the CPU-only cluster's job does not have
+            tiny_row("no_gpu", **{"train.base_lr": 0.02, "device": "cuda"})]
+    for row in rows:
+        row["resources"] = {"seeds_per_gpu": 3}
+    root = project(tmp_path, ["packfail"], {"packfail": {"title": "Packed", "seeds": [0], "rows": rows}})
+    since = time.time()
+    out = snakemake(root)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "train_pack" in text
+    runs = {p.name: p for p in (root / "results" / "runs").iterdir()}
+    failed = next(p for p in runs.values() if not (p / "seed0" / "eval.json").exists())
+    assert sum((p / "seed0" / "eval.json").is_file() for p in runs.values()) == 2  # the other two finished
+    record = json.loads((failed / "seed0" / "job.json").read_text())
+    (job,) = sacct_jobs(jobs_name := Path(record["pack"]).parent.name + "/" + Path(record["pack"]).name, since)
+    assert job[0] == record["job_id"]
+    line = re.compile(rf"imgclf: FAILED {failed.name}/seed0: SLURM job {job[0]} \(packed\) FAILED: \w+Error: "
+                      r"device: 'cuda' requested but no CUDA device is visible \(use auto or cpu\); log \S+pack_\d+\.log")
+    assert line.search(text), text[-3000:]
+    assert "seed(s) failed:" in text and "Traceback" not in text.split("seed(s) failed:")[1]
+    listing = imgclf(root, "status", "config/tables/packfail.yaml")
+    assert re.search(rf"no_gpu +0 +failed +{failed.name}/seed0: SLURM job {job[0]} \(packed\) FAILED", listing)
+    assert listing.splitlines()[-1] == "3 seeds: 2 done, 1 failed", jobs_name

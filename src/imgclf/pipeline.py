@@ -38,6 +38,42 @@ def train_seed(run_dir: str | Path, config: dict[str, Any], seed: int, *, launch
                attempt=attempt)
 
 
+def train_pack(pack_dir: str | Path, seeds: list[tuple[str | Path, dict[str, Any], int]], *,
+               launcher: str = DEFAULT, resources: dict[str, Any] | None = None, data_root: str = "",
+               attempt: int = 1) -> dict[str, dict[str, Any]]:
+    """Train several seeds (``(run_dir, config, seed)`` each) side by side in one job, each its own
+    process with its own run directory (see :mod:`imgclf.launch.pack`); then score each. Returns
+    {seed label: result}; raises :class:`PackFailed` naming, one line each, the seeds that failed
+    (the others' results stand, and a re-run trains only the failed ones)."""
+    from imgclf import runs
+    from imgclf.launch import Resources, get, jobs
+
+    res = Resources.from_dict(resources, str(pack_dir))
+    dirs = []
+    for run_dir, config, seed in seeds:
+        cfg = C.from_dict(config)
+        cfg.train.seed = seed
+        if data_root:
+            cfg.data_root = str(Path(data_root).resolve())
+        runs.preflight(cfg)
+        runs.prepare(cfg, run_dir, resume=True)
+        dirs.append(Path(run_dir))
+    outcomes = jobs.launch_pack(pack_dir, dirs, get(launcher), res, job_name=jobs.seed_label(pack_dir),
+                                attempt=attempt)
+    failed = [str(o) for o in outcomes.values() if isinstance(o, Exception)]
+    if failed:
+        raise PackFailed(failed)
+    return {jobs.seed_label(d): o for d, o in outcomes.items()}
+
+
+class PackFailed(RuntimeError):
+    """Seeds of a pack failed; ``lines`` holds one line per failed seed."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__(f"{len(lines)} packed seed(s) failed: " + " | ".join(lines))
+        self.lines = lines
+
+
 def aggregate_table(spec_path: str | Path, runs_dir: str | Path, csv_out: str | Path,
                     recipes_dir: str | Path = "config/recipes", partial: bool = False) -> None:
     from imgclf.tables import report, spec

@@ -62,6 +62,10 @@ for name in config["tables"]:
             f"config/config.yaml: tables: '{name}' has no config/tables/{name}.yaml "
             f"(known: {', '.join(sorted(PLAN.tables))})"
         )
+# Seeds of runs that ask for seeds_per_gpu k > 1, k to a job (imgclf.launch.pack).
+PACKS = PLAN.packs()
+PACK_OF = {member: pack for pack, members in PACKS.items() for member in members}
+PACKS_DIR = Path("results/packs")
 print(PLAN.summary(RUNS_DIR), file=sys.stderr)
 print(LAUNCHER.describe(config.get("resources", {})), file=sys.stderr)
 
@@ -71,6 +75,7 @@ wildcard_constraints:
     dataset=r"[a-z0-9]+",
     run=r"[a-z_]+-[0-9a-f]{8}",
     seed=r"\d+",
+    pack=r"k\d+-[0-9a-f]{8}",
     table=r"[a-z0-9_]+",
 
 
@@ -122,6 +127,33 @@ def get_train_job(wildcards):
     }
 
 
+def get_pack(wildcards):
+    pack_id = f"{wildcards.dataset}-{wildcards.pack}"
+    if pack_id not in PACKS:
+        raise WorkflowError(f"pack '{pack_id}' is no pack of this plan (seeds_per_gpu may have changed)")
+    return PACKS[pack_id]
+
+
+def get_pack_job(wildcards):
+    """A pack's seeds (run directory, resolved config, seed) and its job's resources (those of one
+    seed; the job asks for k times its CPUs and memory)."""
+    members = get_pack(wildcards)
+    seeds = [(str(RUNS_DIR / run_id / f"seed{seed}"), PLAN.runs[run_id].config, seed) for run_id, seed in members]
+    run = PLAN.runs[members[0][0]]
+    resources = {**config.get("slurm", {}), **run.resources}
+    problem = LAUNCHER.can_run(run.config, int(resources.get("gpus", 0) or 0))
+    if problem:
+        raise WorkflowError(f"{', '.join(run.rows)}: {problem}")
+    return {"seeds": seeds, "resources": resources, "launcher": config["launcher"],
+            "data_root": config.get("data_root", "")}
+
+
+def get_pack_threads(wildcards):
+    members = get_pack(wildcards)
+    run = PLAN.runs[members[0][0]]
+    return len(members) * LAUNCHER.local_cores(int(run.config["train"].get("threads", 1)), run.resources)
+
+
 def get_train_threads(wildcards):
     """The cores a training job takes here: its torch threads (train.threads) x its ranks on this
     machine; none under SLURM, where this job only waits."""
@@ -145,6 +177,11 @@ def print_failures():
             first = log_file.read_text(encoding="utf-8", errors="replace").partition("\n")[0]
             if first and " test error " not in first and ": diverged: " not in first:
                 failed.append(first)
+    for log_file in sorted(Path("logs/train/packs").glob("*.log")):  # a pack's log: one line per failed seed
+        if log_file.stat().st_mtime >= STARTED:
+            head = log_file.read_text(encoding="utf-8", errors="replace").partition("\n\n")[0]
+            failed += [line for line in head.splitlines() if line.startswith("FAILED ")]
+    failed = [line.removeprefix("FAILED ") for line in failed]
     if failed:
         print(f"imgclf: {len(failed)} seed(s) failed:", *(f"  {line}" for line in failed), sep="\n",
               file=sys.stderr)
@@ -161,8 +198,31 @@ def set_aside_corrupt_records(table):
                 print(line, file=sys.stderr)
 
 
+def pack_marker(pack_id):
+    return str(PACKS_DIR / pack_id / "seeds.json")
+
+
+def reopen_packs(table):
+    """A pack whose marker stands while one of its seeds has no record (deleted, or set aside as
+    corrupt) is opened again: its marker goes, and its job trains only the seeds that lack one."""
+    from imgclf.launch.pack import seed_done
+
+    for pack_id in {PACK_OF[(row.run_id, s)] for row in PLAN.tables[table].rows if row.run_id
+                    for s in row.seeds if (row.run_id, s) in PACK_OF}:
+        marker = Path(pack_marker(pack_id))
+        missing = [f"{run_id}/seed{s}" for run_id, s in PACKS[pack_id] if not seed_done(RUNS_DIR / run_id / f"seed{s}")]
+        if marker.exists() and missing:
+            marker.unlink()
+            print(f"imgclf: {pack_id}: {', '.join(missing)} not done; the pack trains it again", file=sys.stderr)
+
+
 def get_table_seeds(wildcards):
+    """Every seed's records (see Plan.seed_files); a packed seed's come with its pack's marker."""
     if wildcards.table not in PLAN.tables:
         raise WorkflowError(f"no table spec config/tables/{wildcards.table}.yaml")
     set_aside_corrupt_records(wildcards.table)
-    return PLAN.seed_files(wildcards.table, RUNS_DIR)
+    reopen_packs(wildcards.table)
+    files = PLAN.seed_files(wildcards.table, RUNS_DIR)
+    packed = {str(RUNS_DIR / run_id / f"seed{s}" / name): pack for (run_id, s), pack in PACK_OF.items()
+              for name in ("result.json", "eval.json")}
+    return list(dict.fromkeys(pack_marker(packed[f]) if f in packed else f for f in files))

@@ -20,3 +20,25 @@ rule train:
         "../envs/imgclf.yaml"
     script:
         "../scripts/train.py"
+
+
+# A pack: seeds of runs with seeds_per_gpu k > 1, k side by side in one job (one GPU, or with
+# gpus 0 k times the CPUs), each its own process and run directory (imgclf.launch.pack). Its marker
+# stands for all k; a seed that fails fails the pack, whose re-run trains only the seeds not done.
+rule train_pack:
+    input:
+        "resources/cache/{dataset}.pt",
+    output:
+        "results/packs/{dataset}-{pack}/seeds.json",
+    log:
+        "logs/train/packs/{dataset}-{pack}.log",
+    params:
+        job=get_pack_job,
+    threads: get_pack_threads
+    resources:
+        slurm_jobs=get_slurm_jobs,
+        attempt=get_attempt,
+    conda:
+        "../envs/imgclf.yaml"
+    script:
+        "../scripts/train_pack.py"

@@ -21,7 +21,8 @@ __all__ = ["DEFAULT", "Launcher", "ResourceError", "Resources", "SubmissionError
 def submit(run_dir: str | Path, launcher: str, resources: Resources | None = None, job_name: str = "imgclf",
            evaluate: bool = False):
     """Submit the run in ``run_dir`` through ``launcher`` and return its submitit Job."""
-    return get(launcher).submit(run_dir, resources or Resources(), job_name, evaluate)
+    return get(launcher).submit(Path(run_dir) / "submitit", resources or Resources(), job_name,
+                                TrainJob(run_dir, evaluate=evaluate))
 
 
 def run(run_dir: str | Path, launcher: str = DEFAULT, resources: Resources | None = None,

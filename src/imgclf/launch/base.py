@@ -85,8 +85,11 @@ class Launcher:
 
         return jobs.launch(run_dir, self, resources, job_name, evaluate, attempt=attempt)
 
-    def submit(self, run_dir: str | Path, resources: Resources, job_name: str, evaluate: bool):
-        """Submit the run's job; returns a submitit Job."""
+    def submit(self, folder: str | Path, resources: Resources, job_name: str, task):
+        """Submit a job that calls ``task`` (a :class:`~imgclf.launch.trainjob.TrainJob`, or a
+        :class:`~imgclf.launch.pack.PackJob` of several seeds) once per task, its files and logs in
+        ``folder``; returns a submitit-like Job (``job_id``, ``paths.folder``, ``results()``). The
+        launcher sets ``task.signal_delay_s`` to how long before its kill its jobs are warned."""
         able = ", ".join(n for n in names() if get(n).submits)
         raise ValueError(f"launcher: '{self.name}' cannot submit (one of {able})")
 
@@ -102,8 +105,9 @@ class Launcher:
         """"queued" or "running" for a state of a job that may still run, else None."""
         return None
 
-    def wait(self, run_dir: Path, job, tasks: int, evaluate: bool) -> dict[str, Any]:
-        """Block until ``job`` has ended; rank 0's result, or an exception saying why there is none."""
+    def wait(self, job, task, tasks: int) -> dict[str, Any]:
+        """Block until ``job`` (running ``task``) has ended; its rank 0's outcome, or an exception
+        saying why there is none."""
         return job.results()[0]
 
     def cause(self, error_text: str, logs: list[str], state: str) -> str:

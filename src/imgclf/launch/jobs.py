@@ -164,7 +164,7 @@ def launch(run_dir: str | Path, launcher, resources, job_name: str, evaluate: bo
             tasks = int(record.get("tasks", 1))
         else:
             try:
-                job = launcher.submit(run_dir, resources, job_name, evaluate)
+                job = launcher.submit(run_dir / "submitit", resources, job_name, _task(run_dir, evaluate))
             except Exception as e:  # noqa: BLE001 - sbatch's refusal, as one line
                 lines = [ln for ln in str(e).splitlines() if "error" in ln.lower()] or str(e).splitlines() or [""]
                 cause = lines[-1].strip()
@@ -176,7 +176,118 @@ def launch(run_dir: str | Path, launcher, resources, job_name: str, evaluate: bo
             write_record(run_dir, launcher=launcher.name, job_id=str(job.job_id), tasks=tasks,
                          folder=str(job.paths.folder), submitted=time.time(), failure=None)
             say(f"{label}: submitted {launcher.job_kind} {job.job_id} ({describe_resources(resources)})")
-        return _wait(run_dir, label, launcher, job, tasks, evaluate)
+        return _wait(run_dir, label, launcher, job, _task(run_dir, evaluate), tasks)
+
+
+def _task(run_dir: Path, evaluate: bool):
+    from imgclf.launch.trainjob import TrainJob
+
+    return TrainJob(run_dir, evaluate=evaluate)
+
+
+def launch_pack(pack_dir: str | Path, run_dirs: list[Path], launcher, resources, job_name: str,
+                attempt: int = 1) -> dict[Path, dict[str, Any] | JobError]:
+    """Train several seeds in one job (see :mod:`imgclf.launch.pack`): {run_dir: its result, or the
+    :class:`JobError` that says on one line why it has none}.
+
+    Each seed keeps its own life cycle: its lock is held throughout, its job.json names the shared
+    job (so status, cancel and a re-run see it), and its failure is its own. Seeds already done are
+    not trained again; on a retry, a seed whose failure cannot pass is not either."""
+    from contextlib import ExitStack
+
+    from imgclf.launch.pack import PackJob, seed_done
+
+    pack_dir = Path(pack_dir)
+    label = f"{pack_dir.parent.name}/{pack_dir.name}"
+    out: dict[Path, dict[str, Any] | JobError] = {}
+    with ExitStack() as locks:
+        for run_dir in run_dirs:
+            locks.enter_context(RunLock(run_dir))
+        todo = []
+        for run_dir in run_dirs:
+            failure = (read_record(run_dir) or {}).get("failure")
+            if seed_done(run_dir):
+                out[run_dir] = _result(run_dir)
+            elif attempt > 1 and failure and not failure.get("retryable"):
+                out[run_dir] = JobError(f"{failure['message']} (not retried: {failure['state']} cannot pass on "
+                                        "another try)", failure["state"], False)
+            else:
+                todo.append(run_dir)
+        if not todo:
+            return out
+        task = PackJob(pack_dir, todo, gpus=resources.gpus)
+        if not launcher.submits:  # the members are processes of this one
+            say(f"{label}: training {len(todo)} seed(s) side by side on this machine (launcher {launcher.name})")
+            seeds = task()
+            return {**out, **{d: _member_outcome(d, seeds.get(str(d.resolve())), launcher, None) for d in todo}}
+        # A re-run re-attaches to the pack's job while it may still run and holds every seed to train.
+        record = read_record(pack_dir) or {}
+        job = None
+        if {str(d.resolve()) for d in todo} <= set(record.get("seeds", [])):
+            job = launcher.attach(pack_dir, record)
+        if job is None:
+            task.outcome_file.unlink(missing_ok=True)  # an earlier job's outcome is not this one's
+            packed = packed_resources(resources, len(todo))
+            try:
+                job = launcher.submit(pack_dir / "submitit", packed, job_name, task)
+            except Exception as e:  # noqa: BLE001 - the scheduler's refusal, as one line per seed
+                cause = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+                for run_dir in todo:
+                    message = f"{seed_label(run_dir)}: submission of {label} refused: {cause}"
+                    write_record(run_dir, failure={"state": "REFUSED", "message": message,
+                                                   "retryable": bool(_TRANSIENT.search(cause)), "time": time.time()})
+                    out[run_dir] = JobError(message, "REFUSED", bool(_TRANSIENT.search(cause)))
+                return out
+            for folder in (pack_dir, *todo):
+                write_record(folder, launcher=launcher.name, job_id=str(job.job_id), tasks=1,
+                             folder=str(job.paths.folder), pack=str(pack_dir.resolve()), submitted=time.time(),
+                             failure=None, state=None, seeds=[str(d.resolve()) for d in todo])
+            say(f"{label}: submitted {launcher.job_kind} {job.job_id} for {len(todo)} seed(s) "
+                f"({describe_resources(packed)})")
+        try:
+            outcome = _wait(pack_dir, label, launcher, job, task, 1, record=False)
+            seeds = outcome.get("seeds", outcome)
+        except JobError as e:  # the job as a whole: every seed it held shares its one line
+            seeds = {str(d.resolve()): {"state": e.state, "message": f"{seed_label(d)}: packed in {e}",
+                                        "retryable": e.retryable} for d in todo}
+        for run_dir in todo:
+            out[run_dir] = _member_outcome(run_dir, seeds.get(str(run_dir.resolve())), launcher, job)
+    return out
+
+
+def packed_resources(resources, k: int):
+    """A job of ``k`` packed seeds: its GPUs as asked (shared), k times the CPUs and memory of one."""
+    from dataclasses import replace
+
+    return replace(resources, cpus_per_task=resources.cpus_per_task * k, mem_gb=resources.mem_gb * k,
+                   seeds_per_gpu=1)
+
+
+def _result(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+
+
+def _member_outcome(run_dir: Path, seed: dict[str, Any] | None, launcher, job) -> dict[str, Any] | JobError:
+    label = seed_label(run_dir)
+    where = f"{launcher.job_kind} {job.job_id}" if job is not None else f"the pack (launcher {launcher.name})"
+    state = (seed or {}).get("state", "FAILED")
+    if state == "COMPLETED":
+        write_record(run_dir, state="COMPLETED", failure=None)
+        return _result(run_dir)
+    if seed and "message" in seed:  # the whole job failed
+        message, retryable = seed["message"], seed.get("retryable", False)
+    elif state == "STOPPED":
+        message, retryable = f"{label}: {where} stopped it (checkpoint saved) and ended", True
+        state = "PREEMPTED"
+    else:
+        cause = (seed or {}).get("cause", "not in the job's outcome")
+        log = (seed or {}).get("log", "none")
+        message, retryable = f"{label}: {where} (packed) FAILED: {cause}; log {log}", False
+    write_record(run_dir, state=state, failure={"state": state, "message": message, "retryable": retryable,
+                                                "time": time.time()})
+    return JobError(message, state, retryable, str(job.job_id) if job is not None else None)
 
 
 def describe_resources(res) -> str:
@@ -185,16 +296,16 @@ def describe_resources(res) -> str:
             f"{res.mem_gb:g} GB per task, {res.time_min} min")
 
 
-def _wait(run_dir: Path, label: str, launcher, job, tasks: int, evaluate: bool) -> dict[str, Any]:
+def _wait(run_dir: Path, label: str, launcher, job, task, tasks: int, record: bool = True) -> dict[str, Any]:
     previous = signal.getsignal(signal.SIGTERM)
     main = threading.current_thread() is threading.main_thread()
     if main:  # Snakemake stops its jobs with SIGTERM: say what keeps running, as for Ctrl-C
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         try:
-            result = launcher.wait(run_dir, job, tasks, evaluate)
+            result = launcher.wait(job, task, tasks)
         except Exception as e:  # noqa: BLE001 - described on one line below
-            raise _failure(run_dir, label, launcher, job, e) from None
+            raise _failure(run_dir, label, launcher, job, e, record) from None
     except KeyboardInterrupt:
         still = launcher.interrupted(run_dir, job)
         if still:
@@ -203,11 +314,12 @@ def _wait(run_dir: Path, label: str, launcher, job, tasks: int, evaluate: bool) 
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
-    write_record(run_dir, state="COMPLETED", failure=None)
+    if record:
+        write_record(run_dir, state="COMPLETED", failure=None)
     return result
 
 
-def _failure(run_dir: Path, label: str, launcher, job, error: Exception) -> JobError:
+def _failure(run_dir: Path, label: str, launcher, job, error: Exception, record: bool = True) -> JobError:
     job_id = str(job.job_id)
     state = launcher.final_state(job_id)
     logs = sorted(Path(job.paths.folder).glob(f"{job_id}_*_log.err"))
@@ -216,8 +328,9 @@ def _failure(run_dir: Path, label: str, launcher, job, error: Exception) -> JobE
     where = logs[0] if logs else Path(job.paths.folder)
     retryable = state in RETRYABLE
     message = f"{label}: {launcher.job_kind} {job_id} {state}: {cause}; log {where}"
-    write_record(run_dir, state=state, failure={"state": state, "message": message, "retryable": retryable,
-                                                "time": time.time()})
+    if record:
+        write_record(run_dir, state=state, failure={"state": state, "message": message, "retryable": retryable,
+                                                    "time": time.time()})
     return JobError(message, state, retryable, job_id)
 
 
@@ -239,11 +352,17 @@ def cancel(run_dirs: list[Path]) -> list[str]:
     records = {d: r for d in run_dirs if (r := read_record(d)) and r.get("launcher") in base.names()
                and r.get("job_id")}
     states = job_states(records.values())
-    lines = []
+    by_job: dict[tuple[str, str], list[Path]] = {}  # packed seeds share one job: cancelled once
     for run_dir, record in records.items():
-        line = base.get(record["launcher"]).cancel(run_dir, record, states.get(record["job_id"], "UNKNOWN"))
+        by_job.setdefault((record["launcher"], record["job_id"]), []).append(run_dir)
+    lines = []
+    for (launcher, job_id), dirs in by_job.items():
+        record = records[dirs[0]]
+        line = base.get(launcher).cancel(dirs[0], record, states.get(job_id, "UNKNOWN"))
         if line:
-            lines.append(f"{seed_label(run_dir)}: {line}")
+            packed = len(record.get("seeds", [])) if record.get("pack") else 0
+            also = f" (it trains {packed} packed seeds: {record['pack']})" if packed else ""
+            lines.append(f"{', '.join(seed_label(d) for d in dirs)}: {line}{also}")
     return lines
 
 

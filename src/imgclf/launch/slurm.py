@@ -153,11 +153,12 @@ class SlurmLauncher(SubmititLauncher):
             return None
         return "queued" if state == "PENDING" else "running"
 
-    def wait(self, run_dir: Path, job, tasks: int, evaluate: bool) -> dict[str, Any]:
-        """Until the run's last file appears (eval.json with ``evaluate``, else result.json) or
-        the scheduler says the job ended; the result is result.json's."""
-        run_dir, job_id = Path(run_dir), str(job.job_id)
-        done = run_dir / ("eval.json" if evaluate else "result.json")
+    def wait(self, job, task, tasks: int) -> dict[str, Any]:
+        """Until the task's last file appears (a seed's eval.json or result.json, a pack's
+        pack.json) or the scheduler says the job ended; then the task's outcome. Files, not
+        submitit's result pickle: a requeued job's pickle is not the last attempt's."""
+        job_id = str(job.job_id)
+        done = task.outcome_file
         state, unknown_since = "RUNNING", None
         while not done.is_file():
             state = slurm_states([job_id])[job_id]
@@ -173,8 +174,11 @@ class SlurmLauncher(SubmititLauncher):
             if state not in ACTIVE:
                 break
             time.sleep(1)
-        if done.is_file() and (run_dir / "result.json").is_file():
-            result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+        if done.is_file():
+            try:
+                result = task.read_outcome()
+            except (OSError, ValueError):
+                result = None
             if isinstance(result, dict):
                 return result
         raise JobEnded(f"SLURM job {job_id} ended ({state}) without writing {done.name}")

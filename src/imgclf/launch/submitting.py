@@ -22,21 +22,20 @@ class SubmititLauncher(Launcher):
     def job_signal_delay_s(self, res: Resources) -> int:
         return res.signal_delay_s
 
-    def submit(self, run_dir, resources: Resources, job_name: str = "imgclf", evaluate: bool = False):
-        """Submit the training of the run in ``run_dir`` (then its evaluation, with ``evaluate``)
-        through submitit; returns the Job. Job files and logs go to ``<run_dir>/submitit/``."""
-        from imgclf.launch.trainjob import TrainJob
-
+    def submit(self, folder, resources: Resources, job_name: str, task):
+        """Submit ``task`` through submitit; returns the Job. Job files and logs go to ``folder``."""
         res = resources or Resources()
+        run_dir = Path(folder).parent  # what messages name: the seed's (or the pack's) folder
         check_job_name(job_name, str(run_dir))
         # submitit prints sbatch's stderr itself, then raises with a traceback's worth of context:
         # one line instead, naming the command and its last words (e.g. "Unable to contact slurm controller").
         captured = io.StringIO()
         try:
             with contextlib.redirect_stderr(captured):
-                ex = self.executor(Path(run_dir) / "submitit", res)  # no srun: RuntimeError
+                ex = self.executor(Path(folder), res)  # no srun: RuntimeError
                 ex.update_parameters(name=job_name)
-                return ex.submit(TrainJob(run_dir, evaluate=evaluate, signal_delay_s=self.job_signal_delay_s(res)))
+                task.signal_delay_s = self.job_signal_delay_s(res)
+                return ex.submit(task)
         except FileNotFoundError as e:
             raise SubmissionError(f"{run_dir}: cannot submit with launcher {self.name}: {e.filename or e} not found "
                                   "(use --launcher debug or local on a machine without SLURM)") from None

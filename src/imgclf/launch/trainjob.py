@@ -37,11 +37,22 @@ class TrainJob:
         self.__init__(state["run_dir"], state["progress"], state.get("evaluate", False),
                       state.get("signal_delay_s", 90))
 
+    @property
+    def outcome_file(self) -> Path:
+        """The file the job writes last: the submitting side waits for it."""
+        return Path(self.run_dir) / ("eval.json" if self.evaluate else "result.json")
+
+    def read_outcome(self) -> dict[str, Any]:
+        import json
+
+        return json.loads((Path(self.run_dir) / "result.json").read_text(encoding="utf-8"))
+
     def __call__(self) -> dict[str, Any]:
         from imgclf.engine import trainer
 
         _job_setup()
-        self._stop, self._saved = threading.Event(), threading.Event()
+        self._stop = self._stop or threading.Event()  # a stop requested before training began stands
+        self._saved = threading.Event()
         box: dict[str, Any] = {}
 
         def work():
@@ -85,6 +96,12 @@ class TrainJob:
             # requeue a finished run nor kill the exiting task (sacct's FAILED 12:0).
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         return box["result"]
+
+    def request_stop(self) -> None:
+        """Ask the training to checkpoint and stop at its next step boundary (from a signal handler)."""
+        if self._stop is None:
+            self._stop = threading.Event()
+        self._stop.set()
 
     def checkpoint(self, *args, **kwargs):
         import submitit

@@ -134,6 +134,28 @@ class Plan:
         plan.runs = {rid: Run(**{**r, "seeds": set(r["seeds"])}) for rid, r in data["runs"].items()}
         return plan
 
+    def packs(self) -> dict[str, list[tuple[str, int]]]:
+        """{pack id: [(run id, seed), ...]}: the run-seeds whose run asks for ``seeds_per_gpu`` k > 1,
+        k to a pack. A pack holds seeds of one run, or of runs that train the same model on the same
+        data at the same batch size and precision with the same resources, so its members take
+        about the same time and memory. Seeds of a run stay together; the ids depend only on the
+        members, so a re-plan finds the same packs."""
+        groups: dict[str, list[tuple[str, int]]] = {}
+        for run in sorted(self.runs.values(), key=lambda r: r.run_id):
+            if int(run.resources.get("seeds_per_gpu", 1) or 1) > 1:
+                train = run.config["train"]
+                key = json.dumps([run.dataset, run.config["model"], train["batch_size"], train["precision"],
+                                  run.resources], sort_keys=True, default=str)
+                groups.setdefault(key, []).extend((run.run_id, s) for s in sorted(run.seeds))
+        packs = {}
+        for members in groups.values():
+            k = int(self.runs[members[0][0]].resources["seeds_per_gpu"])
+            for i in range(0, len(members), k):
+                chunk = members[i:i + k]
+                digest = hashlib.sha256(json.dumps(chunk).encode()).hexdigest()[:8]
+                packs[f"{chunk[0][0].split('-', 1)[0]}-k{len(chunk)}-{digest}"] = chunk
+        return packs
+
     def seed_files(self, table: str, runs_dir: str | Path) -> list[str]:
         """The aggregation's inputs: every seed's result.json and eval.json (both written by its
         training job, both read by the aggregation), and the seed's folder.
