@@ -222,3 +222,32 @@ def test_a_packed_table_is_one_job_and_a_deleted_seed_is_trained_again_alone(tmp
     assert {s: (run / f"seed{s}" / "model.pt").stat().st_mtime_ns for s in (0, 2)} == mtimes
     assert (run / "seed1" / "eval.json").is_file()
     assert planned_jobs(snakemake("-n")) == {}
+
+
+def test_cancelling_packed_seeds_stops_their_one_job_once_and_says_it_holds_the_others(tmp_path):
+    from imgclf.launch import Launcher, register, unregister
+
+    cancelled = []
+
+    class Counting(Launcher):
+        name = "counting"
+
+        def state(self, job_ids):
+            return {j: "RUNNING" for j in job_ids}
+
+        def cancel(self, run_dir, record, state):
+            cancelled.append(record["job_id"])
+            return f"cancelled job {record['job_id']} (was {state})"
+
+    register(Counting())
+    try:
+        dirs = [tmp_path / "run" / f"seed{s}" for s in range(3)]
+        for d in dirs:
+            d.mkdir(parents=True)
+            jobs.write_record(d, launcher="counting", job_id="7", pack=str(tmp_path / "pack"),
+                              seeds=[str(x) for x in dirs])
+        lines = jobs.cancel(dirs[:2])
+    finally:
+        unregister("counting")
+    assert cancelled == ["7"]
+    assert lines == [f"run/seed0, run/seed1: cancelled job 7 (was RUNNING) (it trains 3 packed seeds: {tmp_path / 'pack'})"]
