@@ -251,3 +251,11 @@ def test_cancelling_packed_seeds_stops_their_one_job_once_and_says_it_holds_the_
         unregister("counting")
     assert cancelled == ["7"]
     assert lines == [f"run/seed0, run/seed1: cancelled job 7 (was RUNNING) (it trains 3 packed seeds: {tmp_path / 'pack'})"]
+
+
+def test_the_debug_launcher_trains_a_pack_as_processes_of_the_calling_one(tmp_path, solo):
+    dirs = seeds(tmp_path, 2)
+    out = jobs.launch_pack(tmp_path / "pack", dirs, get("debug"), Resources(), "pack")
+    assert [out[d]["epochs"] for d in dirs] == [2, 2]
+    assert all(same_weights(d, ref) for d, ref in zip(dirs, solo))
+    assert {json.loads((d / "job.json").read_text())["state"] for d in dirs} == {"COMPLETED"}
