@@ -72,10 +72,10 @@ class Plan:
                 hours = parse_duration(row.reported.get("time"))
                 if hours is not None:
                     run.reported_hours = max(run.reported_hours or 0.0, hours)
-        from imgclf.launch.resources import pack_problem
+        from imgclf.launch.resources import pack_problem, share_problem
 
         for run in self.runs.values():
-            said = pack_problem(run.resources)
+            said = pack_problem(run.resources) or share_problem(run.resources)
             if said:
                 raise S.SpecError(f"{', '.join(run.rows)}: resources: {said}")
 
