@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
+from imgclf import cost as imgclf_cost
 from imgclf import launch as imgclf_launch
 from imgclf import records as imgclf_records
 from imgclf.launch import jobs as imgclf_jobs
@@ -62,6 +63,13 @@ for name in config["tables"]:
             f"config/config.yaml: tables: '{name}' has no config/tables/{name}.yaml "
             f"(known: {', '.join(sorted(PLAN.tables))})"
         )
+# GPU-hours from measured img/s (`imgclf calibrate`) where the file covers a run. Read on every
+# invocation, outside the plan's cache: a new calibration changes the figures and the priorities.
+CALIBRATION_FILE = config.get("calibration", imgclf_cost.DEFAULT_PATH)
+try:
+    PLAN.use_calibration(imgclf_cost.load_calibration(CALIBRATION_FILE), CALIBRATION_FILE)
+except ValueError as e:
+    raise WorkflowError(f"config: calibration: {e}") from None
 print(PLAN.summary(RUNS_DIR), file=sys.stderr)
 print(LAUNCHER.describe(config.get("resources", {})), file=sys.stderr)
 
@@ -120,6 +128,11 @@ def get_train_job(wildcards):
         "data_root": config.get("data_root", ""),
         "progress": config.get("progress", True),
     }
+
+
+def get_train_priority(wildcards):
+    """Cheapest runs first, all seeds of a run together (imgclf.tables.plan.Plan.priority)."""
+    return PLAN.priority(get_run(wildcards).run_id)
 
 
 def get_train_threads(wildcards):
