@@ -244,6 +244,9 @@ def test_a_dry_run_prints_the_hours_and_gives_cheaper_runs_higher_priority(tmp_p
                       text, re.S)
     priorities = {(f"{d}-{r}", int(s)): int(p) for d, r, s, p in jobs}
     assert priorities == {(cheap, 0): 2, (cheap, 1): 2, (dear, 0): 1, (dear, 1): 1}  # other's 20 min: 3, not in a
+    # a table's own jobs come before any training job: a finished table renders at once
+    for rule in ("aggregate", "render", "plots"):
+        assert re.search(rf"rule {rule}:.*?wildcards: table=a\n\s+priority: 4\n", text, re.S), rule
 
     # a calibration file (the config key) makes dear the cheapest, its seeds the first
     _calibrate({1: 1000 * ONE_HOUR_OF_100_EPOCHS})(plan, root / "cal.json")

@@ -135,6 +135,12 @@ def get_train_priority(wildcards):
     return PLAN.priority(get_run(wildcards).run_id)
 
 
+def get_table_priority(wildcards):
+    """Above every training job: a table whose seeds are done is aggregated and rendered at once,
+    not after every cheaper seed of the campaign (the scheduler takes the highest priority first)."""
+    return len(PLAN.runs) + 1
+
+
 def get_train_threads(wildcards):
     """The cores a training job takes here: its torch threads (train.threads) x its ranks on this
     machine; none under SLURM, where this job only waits."""
