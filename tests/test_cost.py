@@ -188,8 +188,8 @@ def test_calibrate_on_cpu_writes_the_aggregate_rates_atomically(tmp_path):
     # the plan finds these entries for a run of that model
     from imgclf.cost import load_calibration
 
-    config = {"dataset": {"name": "digits"}, "model": {"name": "resnet_preact", "resnet_preact": entries[0]["model_config"]},
-              "train": {"batch_size": 16, "precision": "fp32"}}
+    config = {"dataset": {"name": "digits"}, "train": {"batch_size": 16, "precision": "fp32"},
+              "model": {"name": "resnet_preact", "resnet_preact": entries[0]["model_config"]}}
     assert load_calibration(out).img_s(config, 2) == entries[1]["img_s"]
 
 
@@ -267,3 +267,20 @@ def test_a_dry_run_prints_the_hours_and_gives_cheaper_runs_higher_priority(tmp_p
     assert out.returncode != 0
     assert re.search(r"config: calibration: cal\.json: not a calibration file \(JSON\): .*; write it again with "
                      r"`imgclf calibrate`\n", out.stdout + out.stderr), out.stdout[-2000:]
+
+
+def test_calibrating_again_on_the_same_device_keeps_the_other_entries(tmp_path):
+    from imgclf.calibrate import _merge
+    from imgclf.cost import write_calibration
+
+    def entry(model, k, rate):
+        return {"dataset": "CIFAR10", "model": model, "model_config": {"depth": 20}, "batch_size": 128,
+                "precision": "amp", "k": k, "img_s": rate}
+
+    path = tmp_path / "calibration.json"
+    write_calibration(path, device="GPU A", torch_version="2.0", date="d", steps=1, warmup=1,
+                      entries=[entry("wrn", 1, 10.0), entry("resnet_preact", 1, 20.0)])
+    new = [entry("resnet_preact", 1, 25.0), entry("resnet_preact", 2, 40.0)]
+    assert _merge(path, "GPU A", "2.0", new) == [entry("wrn", 1, 10.0), *new]
+    assert _merge(path, "GPU B", "2.0", new) == new  # another device's numbers are not mixed in
+    assert _merge(path, "GPU A", "2.1", new) == new

@@ -58,7 +58,8 @@ def parse_spec(text: str) -> ModelSpec:
         raise InputError(f"--models: {clip(text)} is not a model spec ({SPEC_HELP})")
     family = m["family"]
     if family not in catalog.model_names():
-        raise InputError(f"--models: {clip(text)}: unknown model {family!r} (known: {', '.join(catalog.model_names())})")
+        raise InputError(f"--models: {clip(text)}: unknown model {family!r} "
+                         f"(known: {', '.join(catalog.model_names())})")
     overrides: dict[str, Any] = {}
     if m["depth"]:
         overrides["depth"] = int(m["depth"])

@@ -59,9 +59,11 @@ def load_calibration(path: str | Path | None) -> Calibration | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: not a calibration file (JSON): {str(e).splitlines()[0]}; "
                          "write it again with `imgclf calibrate`") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise InputError(f"{path}: format: expected {FORMAT}, got {clip(data.get('format') if isinstance(data, dict) else data)}"
-                         "; write it again with `imgclf calibrate`")
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping, got {clip(data)}; write it again with `imgclf calibrate`")
+    if data.get("format") != FORMAT:
+        raise InputError(f"{path}: format: expected {FORMAT}, got {clip(data.get('format'))}; "
+                         "write it again with `imgclf calibrate`")
     entries = data.get("entries")
     if not isinstance(entries, list):
         raise InputError(f"{path}: entries: expected a list, got {clip(entries)}")
@@ -127,6 +129,8 @@ def write_calibration(path: str | Path, *, device: str, torch_version: str, date
                       entries: list[dict[str, Any]]) -> None:
     from imgclf.utils import atomic_write_text
 
-    data = {"format": FORMAT, "device": device, "torch": torch_version, "date": date, "steps": steps,
-            "warmup": warmup, "entries": entries}
-    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    head = {"format": FORMAT, "device": device, "torch": torch_version, "date": date, "steps": steps,
+            "warmup": warmup}
+    # one entry a line: the file is read by people too (which models, which k, what rate)
+    lines = ",\n  ".join(json.dumps(e) for e in entries)
+    atomic_write_text(path, json.dumps(head, indent=1)[:-2] + f',\n "entries": [\n  {lines}\n ]\n}}\n')
