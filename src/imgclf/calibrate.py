@@ -31,7 +31,7 @@ from typing import Any
 from imgclf.utils import InputError, clip
 
 DEFAULT_MODELS = ("resnet_preact-20", "resnet_preact-56", "wrn-28-10@64", "shake_shake-26,initial_channels=96@64")
-PRECISIONS = ("fp32", "tf32", "amp", "bf16")
+PRECISIONS = ("fp32", "tf32", "amp", "bf16", "fp16")  # train.precision values (fp16 needs CUDA)
 BARRIER_TIMEOUT_S = 300
 # A model spec: family-depth[-widening_factor][,key=value...][@batch]
 _SPEC = re.compile(r"(?P<family>[a-z_]+)(?:-(?P<depth>\d{1,4})(?:-(?P<widen>\d{1,3}))?)?"
@@ -345,10 +345,17 @@ def check_arguments(args) -> None:
         value = getattr(args, name)
         if not math.isfinite(value) or value <= 0:
             raise InputError(f"--{name.replace('_', '-')}: {value:g} is out of range (a positive number of seconds)")
+    from imgclf import config as C
+
     for spec in map(parse_spec, args.models):
         if not (args.recipes / f"{spec.family}.yaml").is_file():
             raise InputError(f"--models: {spec.text}: no recipe {args.recipes / (spec.family + '.yaml')} "
                              f"(--recipes names the folder of <family>.yaml recipes)")
+        try:  # every configuration resolves here, not in k worker processes
+            for precision in args.precisions:
+                build_config(spec, precision, args.recipes, args.batch_size, "cpu")
+        except C.ConfigError as e:
+            raise InputError(f"--models: {spec.text}: {e}") from None
     try:
         device = torch.device(args.device)
     except (RuntimeError, ValueError):
@@ -357,6 +364,8 @@ def check_arguments(args) -> None:
         raise InputError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
     if device.type not in ("cuda", "cpu"):
         raise InputError(f"--device: {clip(args.device)}: only cuda and cpu are calibrated")
+    if device.type == "cpu" and "fp16" in args.precisions:
+        raise InputError("--precisions: fp16 needs a CUDA device (use fp32 or bf16 on cpu)")
     if args.output.parent and not args.output.parent.is_dir():
         raise InputError(f"--output: {args.output}: the folder {args.output.parent} does not exist")
 
