@@ -24,8 +24,10 @@
 #                     uses (DDP's broadcast and all-reduce, SyncBN's all-gather, the stop check, the
 #                     epoch's sums, the evaluation); ddp.log says whether it worked and its img/s.
 #                     If nccl fails, ddp_gloo/ tries the same on gloo (no SyncBN) for comparison
-#   5. calibration.jsonl/md  aggregate img/s of k = 1, 2, 4 concurrent training processes on the
-#                     GPU (benchmarks/calibrate.py): ResNet-PreAct-20 and -56, fp32 and amp
+#   5. calibration.json/jsonl/md  `imgclf calibrate`: aggregate img/s of k = 1, 2, 4 concurrent
+#                     training processes on the GPU, ResNet-PreAct-20 and -56, fp32 and amp, batch
+#                     128, after untimed warm-up steps run together; calibration.json is the file
+#                     the plan's GPU-hours read (copy it to config/calibration.json)
 #   6. steps.jsonl/md (appended) the same models with train.compile (amp; then with the batched
 #                     epoch buffer too): compile_s is the trainer's compile probe
 #   7. rp20_200ep/    the reference README's ResNet-PreAct-20 row (rp20_200ep: cosine, lr 0.2,
@@ -83,7 +85,8 @@ if [ "$SMOKE" = 1 ]; then
   steps_args=(--smoke --models resnet_preact20 --max-seconds 1)
   eager_configs=(fp32 tf32)
   compiled_configs=()
-  calib_args=(--smoke --k 1 2 --models resnet_preact20 --precisions fp32 --k-timeout 120)
+  calib_args=(--recipes config/recipes/digits --models resnet_preact-8,initial_channels=8@16 --precisions fp32
+              --k 1 2 --steps 5 --warmup 2 --k-timeout 120)
   ddp_args=(--config config/recipes/digits/resnet_preact.yaml model.resnet_preact.depth 8
             model.resnet_preact.initial_channels 8 scheduler.epochs 1 train.batch_size 64)
   ddp_backends=(gloo)
@@ -93,7 +96,9 @@ else
   steps_args=(--max-seconds 3)
   eager_configs=(fp32 tf32 amp bf16 amp+epoch_augmentation amp+epoch_augmentation_batched)
   compiled_configs=(amp+compile amp+compile+epoch_augmentation_batched)
-  calib_args=(--k 1 2 4 --k-timeout 45)
+  # 4 measurements per k, each at most 4 timed seconds after its warm-up: about 40 s per k
+  calib_args=(--models resnet_preact-20 resnet_preact-56 --precisions fp32 amp --k 1 2 4 --steps 300
+              --warmup 20 --max-seconds 4 --k-timeout 60)
   ddp_args=(--config config/recipes/cifar/resnet_preact.yaml model.resnet_preact.depth 20 train.batch_size 256
             scheduler.epochs 1 train.precision amp)
   ddp_backends=(nccl gloo)
@@ -140,9 +145,9 @@ if wanted ddp; then
 fi
 
 # shellcheck disable=SC2086
-wanted calibrate && part calibrate 110 "$py" -m benchmarks.calibrate --device "$DEVICE" \
-  --jsonl "$OUT/calibration.jsonl" --out "$OUT/calibration.md" "${calib_args[@]}" ${CALIB_EXTRA:-} \
-  > "$OUT/calibration.log" 2>&1
+wanted calibrate && part calibrate 150 "$py" -m imgclf calibrate --device "$DEVICE" \
+  --output "$OUT/calibration.json" --jsonl "$OUT/calibration.jsonl" --markdown "$OUT/calibration.md" \
+  "${calib_args[@]}" ${CALIB_EXTRA:-} > "$OUT/calibration.log" 2>&1
 
 if wanted compiled && (( ${#compiled_configs[@]} )); then
   # The rows go after the eager ones, in a table of their own (steps.md holds the eager table).

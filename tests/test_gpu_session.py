@@ -48,7 +48,9 @@ def test_smoke_session_measures_steady_state_runs_ddp_and_calibration_then_train
     assert [(r["k"], len(r["per_process"])) for r in calibration] == [(1, 1), (2, 2)]
     assert all(min(r["per_process"]) > 4 * SLOW_FIRST_STEP_RATE for r in calibration), calibration
     assert all(0 < r["wall_img_per_s"] <= r["img_per_s"] * 1.01 for r in calibration)
-    assert "| resnet_preact20 | fp32 | 2 |" in (tmp_path / "calibration.md").read_text()
+    assert "| resnet_preact-8,initial_channels=8@16 | fp32 | 16 | 2 |" in (tmp_path / "calibration.md").read_text()
+    written = json.loads((tmp_path / "calibration.json").read_text())  # the file the plan reads
+    assert [(e["k"], e["img_s"]) for e in written["entries"]] == [(r["k"], r["wall_img_per_s"]) for r in calibration]
 
     row = tmp_path / "rp20_200ep"
     assert (row / "train_log.csv").read_text().count("\n") == 2  # header + the epoch

@@ -1,4 +1,4 @@
-"""``imgclf train | evaluate | summary | table | status | cancel | data``.
+"""``imgclf train | evaluate | summary | table | status | cancel | data | calibrate``.
 
 The reference README's commands run with ``python train.py`` -> ``imgclf train`` and
 ``configs/`` -> ``config/recipes/``; trailing ``KEY VALUE`` (or ``KEY=VALUE``) pairs override
@@ -161,6 +161,13 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from imgclf import calibrate
+
+    calibrate.check_arguments(args)
+    return calibrate.calibrate(args)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line, like every other error (the usage itself is in --help)."""
 
@@ -236,6 +243,13 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--download", action="store_true",
                    help="download the official release (torchvision, MD5-checked) when the folder is missing")
     d.set_defaults(func=cmd_data)
+
+    from imgclf import calibrate
+
+    cal = sub.add_parser("calibrate", help="measure img/s of k = 1, 2, 4 training processes on one device "
+                                           "-> config/calibration.json (the plan's GPU-hours)")
+    calibrate.add_arguments(cal)
+    cal.set_defaults(func=cmd_calibrate)
     return p
 
 

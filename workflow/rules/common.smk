@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
+from imgclf import cost as imgclf_cost
 from imgclf import launch as imgclf_launch
 from imgclf import records as imgclf_records
 from imgclf.launch import jobs as imgclf_jobs
@@ -66,6 +67,14 @@ for name in config["tables"]:
 PACKS = PLAN.packs()
 PACK_OF = {member: pack for pack, members in PACKS.items() for member in members}
 PACKS_DIR = Path("results/packs")
+
+# GPU-hours from measured img/s (`imgclf calibrate`) where the file covers a run. Read on every
+# invocation, outside the plan's cache: a new calibration changes the figures and the priorities.
+CALIBRATION_FILE = config.get("calibration", imgclf_cost.DEFAULT_PATH)
+try:
+    PLAN.use_calibration(imgclf_cost.load_calibration(CALIBRATION_FILE), CALIBRATION_FILE)
+except ValueError as e:
+    raise WorkflowError(f"config: calibration: {e}") from None
 print(PLAN.summary(RUNS_DIR), file=sys.stderr)
 print(LAUNCHER.describe(config.get("resources", {})), file=sys.stderr)
 
@@ -152,6 +161,22 @@ def get_pack_threads(wildcards):
     members = get_pack(wildcards)
     run = PLAN.runs[members[0][0]]
     return len(members) * LAUNCHER.local_cores(int(run.config["train"].get("threads", 1)), run.resources)
+
+
+def get_train_priority(wildcards):
+    """Cheapest runs first, all seeds of a run together (imgclf.tables.plan.Plan.priority)."""
+    return PLAN.priority(get_run(wildcards).run_id)
+
+
+def get_pack_priority(wildcards):
+    """A pack runs when its most expensive run would: packs of cheap runs first."""
+    return min(PLAN.priority(run_id) for run_id, _ in get_pack(wildcards))
+
+
+def get_table_priority(wildcards):
+    """Above every training job: a table whose seeds are done is aggregated and rendered at once,
+    not after every cheaper seed of the campaign (the scheduler takes the highest priority first)."""
+    return len(PLAN.runs) + 1
 
 
 def get_train_threads(wildcards):

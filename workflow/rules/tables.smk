@@ -6,6 +6,7 @@ rule aggregate:
         "results/tables/{table}.csv",
     log:
         "logs/tables/{table}.aggregate.log",
+    priority: get_table_priority
     localrule: True
     conda:
         "../envs/imgclf.yaml"
@@ -34,6 +35,7 @@ rule render:
         ),
     log:
         "logs/tables/{table}.render.log",
+    priority: get_table_priority
     localrule: True
     conda:
         "../envs/imgclf.yaml"
@@ -64,6 +66,7 @@ rule plots:
         "logs/tables/{table}.plots.log",
     params:
         runs_dir=str(RUNS_DIR),
+    priority: get_table_priority
     localrule: True
     conda:
         "../envs/imgclf.yaml"

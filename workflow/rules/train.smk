@@ -11,6 +11,7 @@ rule train:
     params:
         job=get_train_job,
     threads: get_train_threads
+    priority: get_train_priority
     resources:
         # Under SLURM this job only waits on its cluster job: the profile bounds how many wait
         # at once (`resources: {slurm_jobs: N}`), not the login node's cores.
@@ -35,6 +36,7 @@ rule train_pack:
     params:
         job=get_pack_job,
     threads: get_pack_threads
+    priority: get_pack_priority
     resources:
         slurm_jobs=get_slurm_jobs,
         attempt=get_attempt,

@@ -35,6 +35,11 @@ NUMBERS: dict[str, tuple[type, float, float]] = {
     "max_requeues": (int, 0, 1000), "seeds_per_gpu": (int, 1, 64),
 }
 NAMES = ("partition", "account", "qos")
+# SLURM's own GPU sharing: a job asks for N shards (gres/shard) or N% of a GPU under MPS (gres/mps)
+# of one GPU instead of the whole GPU. The counts are the cluster's (gres.conf), so only their form
+# and a sane bound are checked here.
+_GPU_SHARE = re.compile(r"(shard|mps):([1-9][0-9]{0,3})")
+_GPU_SHARE_TEXT = '"" (whole GPUs), "shard:N" or "mps:N" with N a whole number in [1, 9999]'
 
 # sbatch options a table or config may add (submitit's slurm_additional_parameters; "-" or "_").
 # Options that set the script's files, environment or working directory are left out on purpose.
@@ -97,7 +102,11 @@ def problem(key: str, value: Any) -> str | None:
         return _name_problem(value, _NAME, _SLURM_NAME)
     if key == "extra":
         return _extra_problem(value)
-    return f"unknown key (known: {', '.join([*NUMBERS, *NAMES, 'extra'])})"
+    if key == "gpu_share":
+        if not isinstance(value, str) or (value and not _GPU_SHARE.fullmatch(value)):
+            return f"{clip(value)} is not a GPU share: expected {_GPU_SHARE_TEXT}"
+        return None
+    return f"unknown key (known: {', '.join([*NUMBERS, *NAMES, 'extra', 'gpu_share'])})"
 
 
 def pack_problem(values: dict[str, Any]) -> str | None:
@@ -111,6 +120,26 @@ def pack_problem(values: dict[str, Any]) -> str | None:
         return (f"seeds_per_gpu: {k} packs one-process seeds, but the job asks for {nodes} node(s), "
                 f"{gpus or 0} GPU(s), {tasks} task(s) (packing needs nodes 1, gpus 0 or 1, tasks 1)")
     return None
+
+
+def share_problem(values: dict[str, Any]) -> str | None:
+    """Why the resources ``values`` cannot ask for a share of one GPU, or None: the share replaces
+    the job's one GPU, so it needs gpus 1 on one node, and no ``extra`` GPU request beside it."""
+    share = values.get("gpu_share", "")
+    if not share:
+        return None
+    gpus, nodes = values.get("gpus", 0), values.get("nodes", 1)
+    if gpus != 1 or nodes != 1:
+        return (f"gpu_share: {share} is a share of one GPU, but the job asks for {nodes} node(s) x {gpus} GPU(s) "
+                "(a share needs gpus 1, nodes 1)")
+    clash = sorted(k for k in (values.get("extra") or {}) if str(k).replace("-", "_") in _GPU_OPTIONS)
+    if clash:
+        return f"gpu_share: {share} asks for the GPU itself; extra.{clash[0]} would ask again (drop one of them)"
+    return None
+
+
+# The ``extra`` options that also ask for GPUs: with a gpu_share they would ask twice.
+_GPU_OPTIONS = frozenset({"gres", "gpus", "gpus_per_socket", "gpus_per_task"})
 
 
 def check(values: dict[str, Any], where: str, section: str = "resources") -> None:
@@ -147,10 +176,13 @@ class Resources:
     # Seeds trained side by side in one job, each its own process on the job's one GPU (or, with
     # gpus 0, its CPUs): a job of k seeds asks for k x cpus_per_task CPUs and k x mem_gb.
     seeds_per_gpu: int = 1
+    # "" = whole GPUs; "shard:N" / "mps:N" = SLURM's own GPU sharing (--gres=shard:N / mps:N in
+    # place of the job's one GPU), so independent jobs share a GPU (docs/cluster.md).
+    gpu_share: str = ""
 
     def __post_init__(self):
         check(asdict(self), "resources")
-        said = pack_problem(asdict(self))
+        said = pack_problem(asdict(self)) or share_problem(asdict(self))
         if said:
             raise ResourceError(f"resources: {said}")
 

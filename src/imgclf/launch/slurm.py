@@ -231,7 +231,9 @@ def sbatch_parameters(res: Resources) -> dict[str, Any]:
         # task is pinned to one core.
         "slurm_srun_args": [f"--cpus-per-task={int(res.cpus_per_task)}"],
     }
-    if res.gpus:
+    if res.gpu_share:  # a share of one GPU (shard or MPS) in place of the whole GPU
+        params["slurm_gres"] = res.gpu_share
+    elif res.gpus:
         params["gpus_per_node"] = res.gpus
     if res.partition:
         params["slurm_partition"] = res.partition

@@ -72,10 +72,10 @@ class Plan:
                 hours = parse_duration(row.reported.get("time"))
                 if hours is not None:
                     run.reported_hours = max(run.reported_hours or 0.0, hours)
-        from imgclf.launch.resources import pack_problem
+        from imgclf.launch.resources import pack_problem, share_problem
 
         for run in self.runs.values():
-            said = pack_problem(run.resources)
+            said = pack_problem(run.resources) or share_problem(run.resources)
             if said:
                 raise S.SpecError(f"{', '.join(run.rows)}: resources: {said}")
 
@@ -176,16 +176,88 @@ class Plan:
                         out.append(str(folder))
         return out
 
+    # --- cost: computed from the cached plan and the calibration file, never cached itself ----
+    calibration = None  # a cost.Calibration: GPU-hours from measured img/s where it covers a run
+    calibration_path = ""  # where the calibration was looked for (said when there is none)
+    SUMMARY_TABLES = 5  # the most expensive tables each get a line; the rest one line together
+
+    def use_calibration(self, calibration, path: str | Path = "") -> None:
+        self.calibration, self.calibration_path = calibration, str(path)
+        self._priorities = None
+
+    def seed_cost(self, run_id: str):
+        from imgclf.cost import seed_cost
+
+        run = self.runs[run_id]
+        return seed_cost(run.config, run.resources, run.reported_hours, self.calibration)
+
+    def priority(self, run_id: str) -> int:
+        """Snakemake's priority of every seed of ``run_id``: the cheapest run (one seed's GPU-hours
+        at its seeds_per_gpu) gets the highest, the most expensive 1; runs of no known cost come
+        last. Every run has its own value (ties by run id), so the seeds of one run go together
+        and a row's median is there as early as the rows before it allow."""
+        if getattr(self, "_priorities", None) is None:
+            def key(run_id):
+                hours = self.seed_cost(run_id).packed
+                return (hours is None, hours or 0.0, run_id)
+
+            order = sorted(self.runs, key=key)
+            self._priorities = {rid: len(order) - i for i, rid in enumerate(order)}
+        return self._priorities[run_id]
+
     def summary(self, runs_dir: str | Path = "results/runs") -> str:
+        """The plan in a few lines: runs and seeds, then the GPU-hours of the seeds still to train,
+        for the campaign (every seed once) and for the most expensive tables."""
         runs_dir = Path(runs_dir)
-        jobs = [(r, s) for r in self.runs.values() for s in sorted(r.seeds)]
-        done = sum(1 for r, s in jobs if (runs_dir / r.run_id / f"seed{s}" / "result.json").is_file())
+        jobs = [(r.run_id, s) for r in self.runs.values() for s in sorted(r.seeds)]
+        todo = {(rid, s) for rid, s in jobs if not (runs_dir / rid / f"seed{s}" / "result.json").is_file()}
         rows = sum(len(t.rows) for t in self.tables.values())
-        gpu_hours = sum((r.reported_hours or 0.0) * max(int(r.resources.get("gpus", 1) or 1), 1)
-                        for r, s in jobs if not (runs_dir / r.run_id / f"seed{s}" / "result.json").is_file())
-        return (f"imgclf plan: {len(self.tables)} tables, {rows} rows -> {len(self.runs)} distinct runs, "
-                f"{len(jobs)} run-seeds ({done} done, {len(jobs) - done} to train); "
-                f"~{gpu_hours:,.0f} GPU-hours to go at the reference README's reported times")
+        lines = [f"imgclf plan: {len(self.tables)} tables, {rows} rows -> {len(self.runs)} distinct runs, "
+                 f"{len(jobs)} run-seeds ({len(jobs) - len(todo)} done, {len(todo)} to train)"]
+        costs = {rid: self.seed_cost(rid) for rid in {rid for rid, _ in todo}}
+        if self.calibration is None:
+            where = (f"no calibration file {self.calibration_path}" if self.calibration_path
+                     else "no calibration file set")
+            head = f"at the reference README's reported times ({where}; `imgclf calibrate` measures a GPU)"
+        else:
+            head = (f"at the runs' seeds_per_gpu / at 1 seed per GPU / at the reference README's times "
+                    f"({self.calibration.describe()}; seeds it does not cover count the reference's times)")
+        lines.append(f"imgclf GPU-hours to go {head}: {self._hours(sorted(todo), costs)}")
+        per_table = []
+        for name, t in self.tables.items():
+            seeds = sorted({(r.run_id, s) for r in t.rows if r.run_id for s in r.seeds} & todo)
+            if seeds:
+                total = sum(self._one(costs[rid]) for rid, _ in seeds)
+                per_table.append((-total, name, seeds))
+        per_table.sort()
+        for _, name, seeds in per_table[:self.SUMMARY_TABLES]:
+            lines.append(f"  {name}: {self._hours(seeds, costs)}")
+        rest = per_table[self.SUMMARY_TABLES:]
+        if rest:
+            lines.append(f"  {len(rest)} more table(s) with seeds to train: {sum(-t for t, _, _ in rest):,.1f}")
+        return "\n".join(lines)
+
+    def _one(self, cost) -> float:
+        return (cost.packed if self.calibration is not None else cost.reference) or 0.0
+
+    def _hours(self, seeds, costs) -> str:
+        """'<hours> (<n> seeds, ...)' for the (run id, seed) pairs ``seeds``."""
+        picked = [costs[rid] for rid, _ in seeds]
+        notes = [f"{len(seeds)} seed(s)"]
+        reference = sum(c.reference or 0.0 for c in picked)
+        if self.calibration is None:
+            text = f"{reference:,.1f}"
+        else:
+            packed = sum(c.packed or 0.0 for c in picked)
+            single = sum(c.single or 0.0 for c in picked)
+            text = f"{packed:,.1f} / {single:,.1f} / {reference:,.1f}"
+            fallback = sum(1 for c in picked if not c.measured and c.packed is not None)
+            if fallback:
+                notes.append(f"{fallback} not calibrated")
+        unknown = sum(1 for c in picked if c.packed is None)
+        if unknown:
+            notes.append(f"{unknown} with no time at all")
+        return f"{text} ({', '.join(notes)})"
 
 
 def _cache_key(tables_dir: Path, recipes_dir: Path, defaults: dict[str, Any] | None) -> str:

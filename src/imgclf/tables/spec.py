@@ -38,7 +38,8 @@ from imgclf.utils import clip
 ROW_KEYS = {"id", "label", "recipe", "overrides", "cells", "resources", "reported", "train", "seeds"}
 TABLE_KEYS = {"title", "seeds", "columns", "notes", "rows", "description"}
 REPORTED_KEYS = {"result", "result_text", "paper", "epochs", "time", "hardware"}
-RESOURCE_KEYS = {"gpus", "nodes", "tasks", "time_min", "mem_gb", "cpus_per_task", "partition", "seeds_per_gpu"}
+RESOURCE_KEYS = {"gpus", "nodes", "tasks", "time_min", "mem_gb", "cpus_per_task", "partition", "seeds_per_gpu",
+                 "gpu_share"}
 _ID = re.compile(r"[a-z0-9][a-z0-9_]*")  # used with fullmatch: '$' would let "id\n" through
 
 
