@@ -78,6 +78,19 @@ def test_packs_default_from_the_config_and_a_row_can_opt_out(tmp_path):
     assert {run for run, _ in members} == {plan.tables["t"].rows[0].run_id} and len(members) == 3
 
 
+def test_a_campaign_wide_default_packs_every_run_that_can_be_and_leaves_multi_gpu_rows_whole():
+    plan = Plan.from_dir(REPO / "config" / "tables", REPO / "config" / "recipes",
+                         defaults={"gpus": 1, "seeds_per_gpu": 4})
+    packs = plan.packs()
+    packed = {run for members in packs.values() for run, _ in members}
+    multi = {r.run_id for r in plan.runs.values() if int(r.resources.get("gpus", 1)) > 1}
+    assert multi and not multi & packed
+    assert all(plan.runs[r].resources["seeds_per_gpu"] == 1 for r in multi)
+    assert packed == set(plan.runs) - multi
+    assert max(len(m) for m in packs.values()) == 4
+    assert sum(len(m) for m in packs.values()) == sum(len(plan.runs[r].seeds) for r in packed)
+
+
 def test_packing_a_multi_rank_row_is_refused_at_planning_with_the_row_named(tmp_path):
     from imgclf.tables.spec import SpecError
 

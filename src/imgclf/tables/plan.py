@@ -75,6 +75,11 @@ class Plan:
         from imgclf.launch.resources import pack_problem, share_problem
 
         for run in self.runs.values():
+            # A campaign-wide default (--config 'resources={seeds_per_gpu: 4}') packs or shares the
+            # runs that can be; a multi-GPU row keeps its GPUs to itself. A row's own ask is checked.
+            for key, default, problem in (("seeds_per_gpu", 1, pack_problem), ("gpu_share", "", share_problem)):
+                if key not in from_rows[run.run_id] and problem(run.resources):
+                    run.resources[key] = default
             said = pack_problem(run.resources) or share_problem(run.resources)
             if said:
                 raise S.SpecError(f"{', '.join(run.rows)}: resources: {said}")
