@@ -65,7 +65,9 @@ class Launcher:
         """The line a workflow prints first: where its training jobs will run, with what by default."""
         gpus = int(defaults.get("gpus", 0) or 0)
         ask = f"{gpus} GPU(s)" if gpus else "no GPU"
-        return (f"imgclf launcher: {self.name} (each seed one submitit job; by default {ask}, "
+        k = int(defaults.get("seeds_per_gpu", 1) or 1)
+        each = f"{k} seeds to a submitit job where a run can be packed" if k > 1 else "each seed one submitit job"
+        return (f"imgclf launcher: {self.name} ({each}; by default {ask}, "
                 f"{defaults.get('cpus_per_task', '?')} CPU(s), {defaults.get('mem_gb', '?')} GB per task, "
                 f"{defaults.get('time_min', '?')} min; a row's resources replace these)")
 
