@@ -37,7 +37,7 @@ def test_a_pack_size_that_is_no_integer_is_one_line_naming_the_variable():
 def test_the_trainer_writes_the_record_it_is_handed(tmp_path):
     from imgclf.engine import train
 
-    run = make_run(tmp_path / "run", **{"scheduler.epochs": 1})
+    run = make_run(tmp_path / "run", **{"scheduler.epochs": 1, "device": "cpu"})
     train(run, progress=False, environment=lambda device, world_size: {"handed": str(device), "world": world_size})
     env = json.loads((run / "env.json").read_text())
     assert env == {"handed": "cpu", "world": 1, "precision": "fp32", "tf32": False, "cudnn_benchmark": False,
