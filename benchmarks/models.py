@@ -3,9 +3,10 @@
     python -m benchmarks.models            # each family's CIFAR recipe at its own batch size, current device
     python -m benchmarks.models --smoke    # tiny configurations, one window: a seconds-long check
 
-A step is forward + backward + the recipe's optimizer update (built by the engine's
-``build_optimizer``) on random 3x32x32 images, by default in channels_last layout (the
-engine's default). Each family is warmed up first (cuDNN autotuning, oneDNN primitives,
+A step is the engine's own training step (``imgclf.engine.step.Step``: forward, the
+soft-target loss, backward, the recipe's optimizer update and its learning-rate schedule,
+under the precision's autocast and loss scaler) on random 3x32x32 images, by default in
+channels_last layout (the engine's default). Each family is warmed up first (cuDNN autotuning, oneDNN primitives,
 allocator), then timed over several windows; the table reports the median window and
 the spread. ``python -m benchmarks.run`` runs this for every family beside the rest.
 """
@@ -16,14 +17,16 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from imgclf import catalog, config, models
+from imgclf import catalog, config, losses, models
+from imgclf.augment.pipeline import Batch
+from imgclf.engine.precision import Precision
+from imgclf.engine.step import Step
 from imgclf.models.summary import summarize
-from imgclf.optim import build_optimizer
+from imgclf.optim import build_optimizer, build_scheduler
 
-from .common import (PeakMemory, Timing, autocast, available_memory, device_title, resolve_device,
-                     time_windows, trim)
+from .common import (PeakMemory, Timing, available_memory, device_title, resolve_device, time_windows,
+                     trim)
 
 RECIPES = Path(__file__).resolve().parents[1] / "config" / "recipes" / "cifar"
 
@@ -56,27 +59,26 @@ def recipe(name: str, smoke: bool) -> config.Config:
 
 def train_step(cfg: config.Config, device: torch.device, *, batch_size: int, precision: str = "fp32",
                channels_last: bool = True, compile_mode: str | None = None):
-    """(step, model): one training step of ``cfg``'s model on a fixed random batch; with
+    """(step, model): the engine's training step of ``cfg``'s model on a fixed random batch; with
     ``compile_mode``, the model's forward and backward through ``torch.compile(mode=...)``."""
-    model = models.build(cfg, in_channels=3, n_classes=10).to(device)
+    mode = Precision(precision, device)
+    model = mode.cast_model(models.build(cfg, in_channels=3, n_classes=10).to(device))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
     forward = torch.compile(model, mode=compile_mode) if compile_mode else model
     opt = build_optimizer(cfg, model)
+    # the schedule of a CIFAR epoch's steps at this batch, as training steps it
+    scheduler = build_scheduler(cfg, opt, max(1, 50_000 // batch_size))
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,), device=device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp")
+    batch = Batch(x, losses.one_hot(y, 10), y)
+    engine_step = Step.of(cfg, model, forward, opt, scheduler, mode, channels_last=channels_last)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            out = forward(x)
-        scaler.scale(F.cross_entropy(out.float(), y)).backward()
-        scaler.step(opt)
-        scaler.update()
+        engine_step(batch)
 
     return step, model
 

@@ -66,7 +66,7 @@ def step_loop(trainer) -> Callable[[], None]:
 
     def batches():
         while True:
-            yield from trainer._epoch_batches()
+            yield from trainer.batches.epoch(trainer.epoch, trainer.step_in_epoch)
             trainer.epoch += 1
             trainer.step_in_epoch = 0
 
@@ -77,7 +77,7 @@ def step_loop(trainer) -> Callable[[], None]:
         index, make_batch = next(source)
         torch.manual_seed(derive_seed(cfg.train.seed, trainer.epoch, index))
         batch = make_batch()
-        trainer._train_step(batch.images, batch.targets, batch.labels)
+        trainer.step(batch)
         trainer.step_in_epoch = index + 1
         if delay[0]:
             time.sleep(delay[0])  # the injected slow first step (see the module's docstring)
@@ -88,7 +88,7 @@ def step_loop(trainer) -> Callable[[], None]:
 
 def compiled(trainer) -> bool:
     """train.compile took: the trainer steps the compiled model (else it fell back to eager)."""
-    return trainer.step_model is not trainer.ddp_model
+    return trainer.step.forward is not trainer.ddp_model
 
 
 def free_device() -> None:

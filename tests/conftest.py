@@ -93,7 +93,7 @@ def stop_during_step(trainer, n: int, stop) -> None:
     """Set ``stop`` (the trainer's stop event, as SLURM's warning does) while its n-th training
     step runs, so it stops at the next step boundary: with the digits' 11 steps an epoch, n = 14
     stops at epoch 2 step 4."""
-    inner, calls = trainer._train_step, []
+    inner, calls = trainer.step, []
 
     def counting(*args):
         calls.append(1)
@@ -101,7 +101,7 @@ def stop_during_step(trainer, n: int, stop) -> None:
             stop.set()
         return inner(*args)
 
-    trainer._train_step = counting
+    trainer.step = counting
 
 
 @pytest.fixture

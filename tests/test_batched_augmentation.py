@@ -12,7 +12,7 @@ from imgclf import config as C
 from imgclf.augment.pipeline import TrainTransform
 from imgclf.data import derive_seed
 from imgclf.engine import Preempted, Trainer, train
-from imgclf.engine import trainer as trainer_module
+from imgclf.engine import batches as batches_module
 
 H = 15  # synthetic images: pixel (y, x) holds y * H + x + 1, so an output pixel names its source
 
@@ -125,7 +125,7 @@ def test_batched_mode_resumes_bit_exactly_and_its_memory_fallback_draws_the_same
     """Chunks of 3 steps: stopped at epoch 2 step 4 (inside the second chunk) and resumed, and
     made one chunk at a time above the memory budget: the uninterrupted resident run's weights
     and log, bit for bit; and not the per-step path's."""
-    monkeypatch.setattr(trainer_module, "BATCHED_CHUNK_SAMPLES", 3 * 128)
+    monkeypatch.setattr(batches_module, "BATCHED_CHUNK_SAMPLES", 3 * 128)
     overrides = {"scheduler.epochs": 2, **_AUG, **_BATCHED}
     whole = make_run(tmp_path / "whole", **overrides)
     train(whole, progress=False)
@@ -142,7 +142,7 @@ def test_batched_mode_resumes_bit_exactly_and_its_memory_fallback_draws_the_same
     train(stopped, progress=False)
 
     low = make_run(tmp_path / "low", **overrides, **{"train.epoch_augmentation_max_gb": 1e-6})
-    with caplog.at_level("WARNING", logger="imgclf.engine.trainer"):
+    with caplog.at_level("WARNING", logger="imgclf.engine.batches"):
         train(low, progress=False)
     assert any("making one chunk at a time" in r.getMessage() for r in caplog.records)
     wa = _weights(whole)
@@ -172,11 +172,12 @@ def test_batched_mode_gives_every_rank_its_shard_of_the_same_draws(tmp_path):
     world_size-th sample: rank r's batch is the single-process batch's r::2 rows, mixup included."""
     run = make_run(tmp_path / "run", **_AUG, **_BATCHED)
     trainer = Trainer(run, progress=False)
-    whole = [(s, make()) for s, make in trainer._batched_epoch_batches()]
+    source = trainer.batches
+    whole = [(s, make()) for s, make in source.epoch(0)]
     assert len(whole) == len(trainer.loader)
     for rank in (0, 1):
-        trainer.rank, trainer.world_size = rank, 2
-        shard = [(s, make()) for s, make in trainer._batched_epoch_batches()]
+        source.rank, source.world_size = rank, 2
+        shard = [(s, make()) for s, make in source.epoch(0)]
         assert [s for s, _ in shard] == [s for s, _ in whole]
         for (_, a), (_, b) in zip(whole, shard):
             assert torch.equal(b.images, a.images[rank::2]) and torch.equal(b.targets, a.targets[rank::2])

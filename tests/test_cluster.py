@@ -29,7 +29,7 @@ def _rank(rank: int, run: str, port: int, inf_on_rank1_at: int | None, out: str)
     try:
         t = Trainer(run, progress=False)
         if rank == 1 and inf_on_rank1_at is not None:
-            step = t._train_step
+            step = t.step
 
             def poisoned(*args):
                 loss, correct = step(*args)
@@ -37,7 +37,7 @@ def _rank(rank: int, run: str, port: int, inf_on_rank1_at: int | None, out: str)
                     loss = loss * float("inf")
                 return loss, correct
 
-            t._train_step = poisoned
+            t.step = poisoned
         result = t.fit()
         outcome = f"diverged in epoch {result['diverged_at_epoch']}" if result.get("diverged") else "finished"
         if result.get("diverged"):

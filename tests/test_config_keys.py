@@ -18,7 +18,8 @@ from conftest import DIGITS, REPO, TINY, make_run
 from imgclf import config as C
 from imgclf.engine import Trainer, train
 from imgclf.engine.evaluator import evaluate
-from imgclf.engine.trainer import _Board, validation_split
+from imgclf.engine.batches import validation_split
+from imgclf.engine.results import Board
 
 
 def log_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -111,7 +112,7 @@ def test_use_tensorboard_writes_the_references_scalars_beside_the_log(tmp_path):
 def test_use_tensorboard_without_tensorboard_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as when not installed
     with pytest.raises(ValueError, match=r"^train.use_tensorboard: needs the tensorboard package"):
-        _Board(tmp_path, purge_step=None)
+        Board(tmp_path, purge_step=None)
     import importlib.util
 
     from imgclf.runs import preflight

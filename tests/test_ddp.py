@@ -86,7 +86,7 @@ def _rank(rank: int, run: str, port: int, stop_after: int | None, out: str) -> N
     t = Trainer(run, progress=False, stop_event=stop)
     t.resume()
     if rank == 0 and stop_after is not None:
-        step, calls = t._train_step, []
+        step, calls = t.step, []
 
         def counting_step(*args):
             calls.append(1)
@@ -94,7 +94,7 @@ def _rank(rank: int, run: str, port: int, stop_after: int | None, out: str) -> N
                 stop.set()
             return step(*args)
 
-        t._train_step = counting_step
+        t.step = counting_step
     try:
         t.fit()
         outcome = "finished"
@@ -144,7 +144,8 @@ def test_the_stop_check_never_waits_for_its_all_reduce_nor_reads_the_device(tmp_
     from imgclf.engine.trainer import STOP_CHECK_STEPS
 
     t = Trainer(make_run(tmp_path / "run", **NO_BN), progress=False)
-    t.world_size, t._control = 2, None  # one process standing in for a rank of two
+    ranks = t.ranks
+    ranks.world_size, ranks.control = 2, None  # one process standing in for a rank of two
     calls = []
 
     class Work:
@@ -158,12 +159,13 @@ def test_the_stop_check_never_waits_for_its_all_reduce_nor_reads_the_device(tmp_
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     t.stop_event = threading.Event()
-    checks = [t._stop_requested(step) for step in range(0, 2 * STOP_CHECK_STEPS)]
+    checks = [ranks.stop_requested(step, t.stop_event) for step in range(0, 2 * STOP_CHECK_STEPS)]
     assert not any(checks) and calls == [("start", 0.0), "wait", ("start", 0.0)]
     t.stop_event.set()
-    t._stop_vote[1].fill_(1.0)  # what the all-reduce of the other rank's flag would have brought
+    ranks._stop_vote[1].fill_(1.0)  # what the all-reduce of the other rank's flag would have brought
     calls.clear()
-    assert t._stop_requested(2 * STOP_CHECK_STEPS) and calls == ["wait"] and t._stop_vote is None
+    assert ranks.stop_requested(2 * STOP_CHECK_STEPS, t.stop_event) and calls == ["wait"] \
+        and ranks._stop_vote is None
 
 
 def _failing_rank(rank: int, run: str, port: int, fail: str, out: str) -> None:
@@ -171,7 +173,7 @@ def _failing_rank(rank: int, run: str, port: int, fail: str, out: str) -> None:
     end of epoch 1 fails) or 'step' (rank 1 raises in its 5th step). Writes its outcome and when."""
     import time
 
-    from imgclf.engine import checkpoint, trainer
+    from imgclf.engine import checkpoint, step as engine_step
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -187,7 +189,7 @@ def _failing_rank(rank: int, run: str, port: int, fail: str, out: str) -> None:
 
         checkpoint.save = failing_save
     if fail == "step" and rank == 1:
-        step, calls = trainer.Trainer._train_step, []
+        step, calls = engine_step.Step.__call__, []
 
         def failing_step(self, *args):
             calls.append(1)
@@ -195,7 +197,7 @@ def _failing_rank(rank: int, run: str, port: int, fail: str, out: str) -> None:
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return step(self, *args)
 
-        trainer.Trainer._train_step = failing_step
+        engine_step.Step.__call__ = failing_step
     try:
         train(run, progress=False)
         outcome = "finished"
@@ -241,7 +243,7 @@ def test_the_process_group_is_destroyed_on_every_way_out_of_train(tmp_path, monk
     def one_rank_group(cfg, d, device):
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
 
-    monkeypatch.setattr(trainer, "_init_distributed", one_rank_group)
+    monkeypatch.setattr(trainer.distenv, "init_process_group", one_rank_group)
     mismatch = make_run(tmp_path / "mismatch", **NO_BN, **{"train.dist.world_size": 2})
     with pytest.raises(ValueError, match="train.dist.world_size is 2"):
         train(mismatch, progress=False)  # raised inside Trainer(), after the group was made

@@ -37,7 +37,7 @@ class Spy:
         self.grads: list[dict[str, torch.Tensor]] = []
         self.lrs: list[float] = []
         self.start = copy.deepcopy(trainer.model)  # the weights before the first step
-        model, loss_fn = trainer.step_model, trainer._loss
+        model, loss_fn = trainer.step.forward, trainer.step.loss
 
         def forward(x):
             out = model(x)
@@ -56,8 +56,8 @@ class Spy:
                                if p.grad is not None})
             self.lrs.append(optimizer.param_groups[0]["lr"])
 
-        trainer.step_model = forward
-        trainer._loss = loss
+        trainer.step.forward = forward
+        trainer.step.loss = loss
         trainer.optimizer.register_step_pre_hook(pre_step)
 
 
@@ -230,7 +230,7 @@ def test_label_smoothing_changes_the_engine_loss_by_epsilon_times_the_smoothing_
             labels = plain_batch(trainer)[1]
             noise = torch.randn(len(labels), 10, generator=torch.Generator().manual_seed(0))
             z = (noise + 6 * F.one_hot(labels, 10)).requires_grad_()
-        trainer.step_model = lambda x: z + 0 * x.sum()  # fixed logits, still on the step's graph
+        trainer.step.forward = lambda x: z + 0 * x.sum()  # fixed logits, still on the step's graph
         spies[name] = Spy(trainer)
         trainer._train_epoch(None)
     plain, smooth = spies["plain"], spies["smooth"]
@@ -433,19 +433,19 @@ def test_sync_bn_converts_every_batchnorm_and_refuses_cpu_ranks_clearly(tmp_path
     """train.dist.use_sync_bn over several ranks turns every BatchNorm into a SyncBatchNorm
     (same parameters and buffers). torch's DDP cannot run SyncBatchNorm on CPU ranks: a Trainer
     of 2 CPU ranks with the switch on stops with a one-line error naming the switch, before DDP."""
-    from imgclf.engine import trainer as engine_trainer
+    from imgclf.engine import assembly, trainer as engine_trainer
     from imgclf.models import build as build_model
     from imgclf import config as C
     from conftest import DIGITS, TINY
 
     model = build_model(C.build(DIGITS, TINY), in_channels=1, n_classes=10)
     bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    synced = engine_trainer.sync_batchnorm(copy.deepcopy(model), torch.device("cuda"))
+    synced = assembly.sync_batchnorm(copy.deepcopy(model), torch.device("cuda"))
     assert bns and all(isinstance(dict(synced.named_modules())[n], nn.SyncBatchNorm) for n in bns)
     assert synced.state_dict().keys() == model.state_dict().keys()
     two_ranks = engine_trainer.distenv.DistEnv(rank=0, world_size=2, local_world_size=2)
     monkeypatch.setattr(engine_trainer.distenv, "current", lambda device: (two_ranks, torch.device("cpu")))
-    monkeypatch.setattr(engine_trainer, "_init_distributed", lambda *args: None)  # 2 ranks, no group needed
+    monkeypatch.setattr(engine_trainer.distenv, "init_process_group", lambda *args: None)  # 2 ranks, no group needed
     monkeypatch.setattr(engine_trainer.dist, "new_group", lambda **kwargs: None)  # nor the ranks' control group
     with pytest.raises(ValueError, match=r"^train.dist.use_sync_bn: SyncBatchNorm needs GPU ranks[^\n]*$"):
         Trainer(make_run(tmp_path / "run", **ONE_STEP, **{"train.dist.use_sync_bn": True}), progress=False)

@@ -64,13 +64,13 @@ def test_the_default_loop_step_neither_copies_to_nor_reads_from_the_device(tmp_p
     run = make_run(tmp_path / name, **{"scheduler.epochs": 1, "train.batch_size": 256, **AUGMENTATIONS[name]})
     trainer = Trainer(run, progress=False)
     steps = []
-    augment, step_fn = trainer._augment, trainer._step_body
+    augment, step_fn = trainer.batches.augment, trainer.step.body
 
     def counted_step(*args):
         steps.append(1)
         return guarded(step_fn)(*args)
 
-    trainer._augment, trainer._step_body = guarded(augment), counted_step
+    trainer.batches.augment, trainer.step.body = guarded(augment), counted_step
     result = trainer.fit()
     assert len(steps) == len(trainer.loader) > 1 and 0 < result["train_loss"] < 10
 

@@ -13,6 +13,7 @@ import torch
 from conftest import make_run, stop_during_step
 from imgclf.engine import Preempted, Trainer, train
 from imgclf.engine.precision import backend_flags
+from imgclf.engine.step import Step
 
 
 @pytest.fixture(autouse=True)
@@ -50,23 +51,23 @@ class _InfGradient(torch.autograd.Function):
         return grad * float("inf")
 
 
-def _overflow_at(monkeypatch, epoch: int, step: int, seen_dtypes: list):
-    """Inf gradients, finite loss at (epoch, step): the GradScaler must skip that step and halve
-    its scale."""
-    original = Trainer._loss
+def _overflow_at(monkeypatch, step: int, seen_dtypes: list):
+    """Inf gradients, finite loss at the run's ``step``-th optimizer step (0-based, as its scheduler
+    counts them): the GradScaler must skip that step and halve its scale."""
+    original = Step.loss
 
-    def loss(self, logits, targets):
+    def loss(self, logits, targets, views=1):
         seen_dtypes.append(logits.dtype)
-        if (self.epoch, self.step_in_epoch) == (epoch, step):
+        if self.scheduler.last_epoch == step:
             logits = _InfGradient.apply(logits)
-        return original(self, logits, targets)
+        return original(self, logits, targets, views)
 
-    monkeypatch.setattr(Trainer, "_loss", loss)
+    monkeypatch.setattr(Step, "loss", loss)
 
 
 def test_amp_fp16_with_grad_scaler_trains_on_cpu_and_its_scale_survives_a_resume(tmp_path, monkeypatch):
     dtypes = []
-    _overflow_at(monkeypatch, 0, 2, dtypes)
+    _overflow_at(monkeypatch, 2, dtypes)  # epoch 1, step 3
     cfg = {"train.precision": "amp", "scheduler.epochs": 2}
     whole = Trainer(make_run(tmp_path / "whole", **cfg), progress=False)
     result = whole.fit()
@@ -91,7 +92,7 @@ def test_amp_fp16_with_grad_scaler_trains_on_cpu_and_its_scale_survives_a_resume
 
 def test_bf16_autocast_runs_the_real_step_on_cpu(tmp_path, monkeypatch):
     dtypes = []
-    _overflow_at(monkeypatch, -1, -1, dtypes)  # records dtypes only
+    _overflow_at(monkeypatch, -1, dtypes)  # records dtypes only
     run = make_run(tmp_path / "run", **{"train.precision": "bf16", "scheduler.epochs": 2})
     result = train(run, progress=False)
     assert set(dtypes) == {torch.bfloat16}
@@ -108,20 +109,19 @@ def test_fused_sgd_whose_first_step_overflows_keeps_a_clean_momentum(tmp_path, m
 
     monkeypatch.setattr(build, "_multi_tensor_kwargs", lambda groups: {"fused": True})
     dtypes = []
-    _overflow_at(monkeypatch, 0, 0, dtypes)
+    _overflow_at(monkeypatch, 0, dtypes)
     t = Trainer(make_run(tmp_path / "run", **{"train.precision": "amp"}), progress=False)
     assert t.optimizer.param_groups[0]["fused"]
     images, labels = next(iter(t.loader.batches(0)))[1:]
     batch = t.train_transform(images, labels, torch.Generator().manual_seed(0))
     before = [p.detach().clone() for p in t.model.parameters()]
-    t._train_step(batch.images, batch.targets, batch.labels)  # overflows: skipped
+    t.step(batch)  # overflows: skipped
     assert t.scaler.get_scale() == 2.0 ** 15
     assert all(torch.equal(p, q) for p, q in zip(t.model.parameters(), before))
     for p in t.model.parameters():
         assert torch.equal(t.optimizer.state[p]["momentum_buffer"], torch.zeros_like(p))
     # The next (finite) step is torch's first momentum step: buffer = gradient (+ weight decay).
-    t.step_in_epoch = 1
-    t._train_step(batch.images, batch.targets, batch.labels)
+    t.step(batch)
     for p in t.model.parameters():
         assert torch.isfinite(t.optimizer.state[p]["momentum_buffer"]).all()
         assert t.optimizer.state[p]["momentum_buffer"].abs().max() < 100
@@ -200,21 +200,21 @@ def test_compile_caches_go_into_the_run_directory_so_a_requeue_reuses_them(tmp_p
     """train.compile points inductor's cache (FX graphs, kernels, Triton autotuning) at
     RUN/compile_cache before the first compile: the requeued job of the same run directory finds
     what the first attempt compiled."""
-    from imgclf.engine import trainer as engine_trainer
+    from imgclf.engine import assembly
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    monkeypatch.setattr(engine_trainer, "_USER_INDUCTOR_CACHE", None)
+    monkeypatch.setattr(assembly, "_USER_INDUCTOR_CACHE", None)
     seen = []
     lazy = _lazy_compile(False, [])
     monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
                         or lazy(m, **kw))
     run = make_run(tmp_path / "run", **{"train.compile": True, "scheduler.epochs": 1})
     Trainer(run, progress=False)
-    cache = run.resolve() / engine_trainer.COMPILE_CACHE
+    cache = run.resolve() / assembly.COMPILE_CACHE
     assert seen == [str(cache)]
     # A folder the user chose before imgclf was imported is left as it is.
-    monkeypatch.setattr(engine_trainer, "_USER_INDUCTOR_CACHE", str(tmp_path / "mine"))
-    assert engine_trainer.use_run_compile_cache(run) == tmp_path / "mine"
+    monkeypatch.setattr(assembly, "_USER_INDUCTOR_CACHE", str(tmp_path / "mine"))
+    assert assembly.use_run_compile_cache(run) == tmp_path / "mine"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
 
 

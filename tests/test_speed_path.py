@@ -71,8 +71,8 @@ def test_whole_epoch_augmentation_buffer_trains_bit_identically_and_resumes_mid_
     whole = make_run(tmp_path / "buffer", **overrides, **{"train.epoch_augmentation": True})
     made = []
     trainer = Trainer(whole, progress=False)
-    inner = trainer._epoch_buffer_fits
-    trainer._epoch_buffer_fits = lambda: made.append(inner()) or made[-1]
+    inner = trainer.batches.fits
+    trainer.batches.fits = lambda start: made.append(inner(start)) or made[-1]
     trainer.fit()
     assert made == [True, True]  # the buffer was used in both epochs
     stopped = make_run(tmp_path / "stopped", **overrides, **{"train.epoch_augmentation": True})
@@ -94,7 +94,7 @@ def test_whole_epoch_augmentation_falls_back_to_per_step_above_its_memory_budget
     run = make_run(tmp_path / "run", **{"scheduler.epochs": 1, "train.epoch_augmentation": True,
                                         "train.epoch_augmentation_max_gb": 1e-6})
     plain = make_run(tmp_path / "plain", **{"scheduler.epochs": 1})
-    with caplog.at_level("WARNING", logger="imgclf.engine.trainer"):
+    with caplog.at_level("WARNING", logger="imgclf.engine.batches"):
         assert train(run, progress=False)["train_loss"] == train(plain, progress=False)["train_loss"]
     lines = [r.getMessage() for r in caplog.records if "epoch_augmentation" in r.getMessage()]
     assert len(lines) == 1 and "more than train.epoch_augmentation_max_gb 1e-06; augmenting per step" in lines[0]
@@ -129,8 +129,8 @@ def test_whole_epoch_augmentation_buffer_holds_the_autocast_dtype_and_trains_bit
     run = make_run(tmp_path / "buffer", **overrides, **{"train.epoch_augmentation": True})
     trainer = Trainer(run, progress=False)
     dtypes = []
-    inner = trainer._step_body
-    trainer._step_body = lambda x, *a: dtypes.append(x.dtype) or inner(x, *a)
+    inner = trainer.step.body
+    trainer.step.body = lambda batch: dtypes.append(batch.images.dtype) or inner(batch)
     trainer.fit()
     assert set(dtypes) == {dtype}
     wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (plain, run))

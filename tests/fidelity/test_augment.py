@@ -374,7 +374,7 @@ def _per_rank_draws(rank: int, run: str, port: int, out: str) -> None:
     torch.set_num_threads(1)
     trainer = Trainer(run, progress=False)
     try:
-        batch = trainer._augment(0, _probe_images(), torch.arange(16) % 10)
+        batch = trainer.batches.augment(0, 0, _probe_images(), torch.arange(16) % 10)
         torch.save(batch.images, os.path.join(out, f"rank{rank}.pt"))
         t = trainer.train_transform
         torch.save((t.mean, t.std), os.path.join(out, "normalization.pt"))

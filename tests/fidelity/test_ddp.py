@@ -72,13 +72,13 @@ def _rank(rank: int, run: str, port: int, out: str) -> None:
             ob.copy_(rb)
 
     batches: dict[int, list] = {}
-    inner = t._train_step
+    inner = t.step
 
-    def recording_step(images, targets, labels):
-        batches.setdefault(t.epoch + 1, []).append((images.clone(), targets.clone()))
-        return inner(images, targets, labels)
+    def recording_step(batch):
+        batches.setdefault(t.epoch + 1, []).append((batch.images.clone(), batch.targets.clone()))
+        return inner(batch)
 
-    t._train_step = recording_step
+    t.step = recording_step
     t.fit()
 
     # The reference as its train.py builds it: the optimizer, then the model under DDP
@@ -127,13 +127,10 @@ def test_each_rank_sees_the_reference_distributed_samplers_samples_in_every_epoc
     """train.dist.reshuffle_every_epoch false and our sharding of the global batch: rank r's batch
     s of every epoch holds the samples that the reference's DistributedSampler (shuffle on,
     set_epoch never called) and BatchSampler give rank r at step s, from the same permutation."""
-    from types import SimpleNamespace
-
     from torch.utils.data import BatchSampler, DistributedSampler
 
     from imgclf.augment.pipeline import Batch
     from imgclf.data import DeviceLoader
-    from imgclf.engine.trainer import Trainer
 
     labels = torch.arange(n_samples)
     ours = DeviceLoader(labels.view(-1, 1, 1, 1), labels, GLOBAL_BATCH, shuffle=True, drop_last=True, seed=0,
@@ -148,9 +145,7 @@ def test_each_rank_sees_the_reference_distributed_samplers_samples_in_every_epoc
         finally:
             torch.randperm = original
         # the trainer's shard of each augmented global batch
-        rank_of = SimpleNamespace(rank=rank, world_size=WORLD,
-                                  cfg=SimpleNamespace(augmentation=SimpleNamespace(use_dual_cutout=False)))
         for epoch in range(3):
-            got = [Trainer._shard(rank_of, Batch(x, y, y)).labels.tolist() for _, x, y in ours.batches(epoch)]
+            got = [Batch(x, y, y).shard(rank, WORLD).labels.tolist() for _, x, y in ours.batches(epoch)]
             assert got == theirs[:len(got)] and len(got) == len(ours)
             assert len(theirs) - len(got) in (0, 1)  # the sampler pads to a multiple of the ranks

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from imgclf import config as C
+from imgclf.augment.pipeline import Batch
 from imgclf.models import build as build_model
 from imgclf.optim import build_optimizer, build_scheduler, param_groups
 from imgclf.tables import spec as S
@@ -146,19 +147,16 @@ def _reference_train_module():
     return importlib.import_module("train")
 
 
-def _our_trainer(oc, model):
-    """A Trainer's step machinery around ``model``, without data or a run directory."""
+def _our_step(oc, model):
+    """The engine's training step around ``model``, without data or a run directory."""
+    from imgclf.augment.dual_cutout import per_view_model
     from imgclf.engine.precision import Precision
-    from imgclf.engine.trainer import Trainer, per_view_model
+    from imgclf.engine.step import Step
 
-    t = Trainer.__new__(Trainer)
-    t.cfg, t.model, t.device, t.world_size, t.channels_last = oc, model, torch.device("cpu"), 1, False
-    t.ddp_model = t.step_model = per_view_model(model, oc.augmentation.use_dual_cutout)  # as Trainer
-    t.precision = Precision("fp32", t.device)
-    t.scaler = t.precision.make_scaler()
-    t.optimizer = build_optimizer(oc, model)
-    t.scheduler = build_scheduler(oc, t.optimizer, 10)
-    return t
+    forward = per_view_model(model, oc.augmentation.use_dual_cutout)  # as the trainer assembles it
+    optimizer = build_optimizer(oc, model)
+    return Step.of(oc, model, forward, optimizer, build_scheduler(oc, optimizer, 10),
+                   Precision("fp32", torch.device("cpu")))
 
 
 STEP_CASES = {
@@ -194,11 +192,11 @@ def test_training_step_gives_the_reference_weights(ref, case):
     train_py.train(1, rc, rm, optimizer, scheduler, loss_func, [(data, labels)],
                    logging.getLogger("reference"), writer, writer)
 
-    trainer = _our_trainer(oc, om)
+    step = _our_step(oc, om)
     om.train()
     x = torch.cat([images, other]) if dual else images
     targets = nn.functional.one_hot(labels, 10).float()
-    trainer._train_step(x, targets, labels)
+    step(Batch(x, targets, labels, views=2 if dual else 1))
 
     for rn, rp, on, op in pairs:
         torch.testing.assert_close(op.detach(), rp.detach(), rtol=0, atol=1e-5,

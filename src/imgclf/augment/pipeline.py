@@ -18,9 +18,29 @@ from . import basic
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # float, normalized; (2N, ...) for dual-cutout
+    """N samples seen in ``views`` views: ``images`` holds view after view, ``[view1; view2; ...]``
+    (dual-cutout: 2), so sample i of view v is row ``v * N + i``."""
+    images: torch.Tensor  # float, normalized; (views * N, ...)
     targets: torch.Tensor  # soft targets (N, K)
     labels: torch.Tensor  # hard labels (N,): the dominant label, for training accuracy
+    views: int = 1
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def view_images(self, index: slice) -> torch.Tensor:
+        """The images of samples ``index`` in every view, view after view."""
+        if self.views == 1:
+            return self.images[index]
+        n = len(self.labels)
+        return torch.cat([self.images[v * n:(v + 1) * n][index] for v in range(self.views)])
+
+    def shard(self, rank: int, world_size: int) -> "Batch":
+        """Rank ``rank``'s part of a global batch: every world_size-th sample, in every view."""
+        if world_size == 1:
+            return self
+        part = slice(rank, None, world_size)
+        return Batch(self.view_images(part), self.targets[part], self.labels[part], self.views)
 
 
 class TrainTransform:
@@ -32,6 +52,11 @@ class TrainTransform:
         if (aug.use_cutout or aug.use_dual_cutout) and aug.cutout.mask_size > image_size:
             raise ValueError(f"augmentation.cutout.mask_size {aug.cutout.mask_size} is larger than the "
                              f"{image_size}x{image_size} images")
+
+    @property
+    def views(self) -> int:
+        """How many views of each sample a batch holds (dual-cutout: two)."""
+        return 2 if self.aug.use_dual_cutout else 1
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
                  mix_shard: tuple[int, int] | None = None) -> Batch:
@@ -97,7 +122,7 @@ class TrainTransform:
             x = dual_cutout_views(x, mask_size=a.cutout.mask_size, prob=a.cutout.prob,
                                   cut_inside=a.cutout.cut_inside, mask_color=float(a.cutout.mask_color),
                                   generator=generator)
-        return Batch(x, y, y.argmax(dim=1))
+        return Batch(x, y, y.argmax(dim=1), self.views)
 
 
 class EvalTransform:

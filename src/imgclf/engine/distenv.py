@@ -215,3 +215,25 @@ def current(cfg_device: str) -> tuple[DistEnv, "torch.device"]:  # noqa: F821 - 
         raise ValueError("device: 'mps' requested but MPS is not available (use auto or cpu)")
     n_visible = torch.cuda.device_count() if cfg_device not in ("cpu", "mps") else 0
     return d, torch.device(device(cfg_device, d, n_visible))
+
+
+def check_world_size(requested: int, launched: int) -> None:
+    """train.dist.world_size (0: any) against the processes launched: the world size is part of
+    the run's identity (BN statistics are per rank)."""
+    if requested > 0 and requested != launched:
+        raise ValueError(f"train.dist.world_size is {requested} but {launched} "
+                         "process(es) were launched; use launcher local/slurm with that many tasks or GPUs")
+
+
+def init_process_group(dist_cfg, d: DistEnv, device) -> None:
+    """env:// process group of ``d`` (the launcher exported MASTER_ADDR/PORT); ``dist_cfg``: the
+    config's train.dist."""
+    import torch
+    import torch.distributed as dist
+
+    if not d.distributed or dist.is_initialized():
+        return
+    name = backend(dist_cfg.backend, device.type)
+    if name == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=name, init_method=dist_cfg.init_method, rank=d.rank, world_size=d.world_size)
