@@ -11,16 +11,13 @@ compile would: the session's CPU test shows that the rate reported is the steady
 from __future__ import annotations
 
 import functools
-import os
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from imgclf import config as C, runs
-from imgclf.data import derive_seed
+from imgclf.calibrate import step_loop  # noqa: F401 - the one step loop, which the benchmarks time
 
 ROOT = Path(__file__).resolve().parents[1] / "config" / "recipes"
 SMOKE_RECIPE = ROOT / "digits" / "resnet_preact.yaml"
@@ -59,31 +56,6 @@ def build_trainer(cfg: C.Config, run_dir: Path | None = None):
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
     return Trainer(runs.prepare(cfg, run_dir, resume=False), progress=False)
 
-
-def step_loop(trainer) -> Callable[[], None]:
-    """One call, one training step of ``trainer`` as its epoch loop runs it, epoch after epoch."""
-    cfg = trainer.cfg
-
-    def batches():
-        while True:
-            yield from trainer.batches.epoch(trainer.epoch, trainer.step_in_epoch)
-            trainer.epoch += 1
-            trainer.step_in_epoch = 0
-
-    source = batches()
-    delay = [float(os.environ.get("IMGCLF_BENCH_FIRST_STEP_DELAY", "0") or 0)]
-
-    def step() -> None:
-        index, make_batch = next(source)
-        torch.manual_seed(derive_seed(cfg.train.seed, trainer.epoch, index))
-        batch = make_batch()
-        trainer.step(batch)
-        trainer.step_in_epoch = index + 1
-        if delay[0]:
-            time.sleep(delay[0])  # the injected slow first step (see the module's docstring)
-            delay[0] = 0.0
-
-    return step
 
 
 def compiled(trainer) -> bool:

@@ -92,7 +92,7 @@ def _load_once() -> None:
         engine.load_data = functools.lru_cache(maxsize=2)(engine.load_data)
 
 
-def _step_loop(trainer):
+def step_loop(trainer):
     """One call, one training step as the trainer's epoch loop runs it (its batch source, the
     per-(seed, epoch, step) reseed, its step function), epoch after epoch. The trainer's per-epoch
     work (checkpoint, log, evaluation) is left out: it is not a step.
@@ -105,7 +105,7 @@ def _step_loop(trainer):
 
     def batches():
         while True:
-            yield from trainer._epoch_batches()
+            yield from trainer.batches.epoch(trainer.epoch, trainer.step_in_epoch)
             trainer.epoch += 1
             trainer.step_in_epoch = 0
 
@@ -115,8 +115,7 @@ def _step_loop(trainer):
     def step() -> None:
         index, make_batch = next(source)
         torch.manual_seed(derive_seed(trainer.cfg.train.seed, trainer.epoch, index))
-        batch = make_batch()
-        trainer._train_step(batch.images, batch.targets, batch.labels)
+        trainer.step(make_batch())
         trainer.step_in_epoch = index + 1
         if delay[0]:
             time.sleep(delay[0])
@@ -153,7 +152,7 @@ def worker(job: dict[str, Any]) -> int:
         cfg = build_config(spec, precision, Path(job["recipes"]), job["batch_size"], job["device"])
         run_dir = Path(tempfile.mkdtemp(prefix=f"w{index}-", dir=folder))
         trainer = Trainer(runs.prepare(cfg, run_dir, resume=False), progress=False)
-        step = _step_loop(trainer)
+        step = step_loop(trainer)
         _barrier(folder, f"{n}.warm", index, k)
         t0 = time.perf_counter()
         for _ in range(job["warmup"]):
