@@ -229,9 +229,11 @@ def test_a_packed_table_is_one_job_and_a_deleted_seed_is_trained_again_alone(tmp
     assert "| a " in (root / "results" / "tables" / "packed.md").read_text()
     mtimes = {s: (run / f"seed{s}" / "model.pt").stat().st_mtime_ns for s in (0, 2)}
     shutil.rmtree(run / "seed1")
+    marker = next((root / "results" / "packs").glob("*/seeds.json"))
+    assert planned_jobs(snakemake("-n"))["train_pack"] == 1
+    assert marker.is_file()  # planning changed nothing
     out = snakemake()
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"{run.name}/seed1 not done; the pack trains it again" in out.stderr
     assert {s: (run / f"seed{s}" / "model.pt").stat().st_mtime_ns for s in (0, 2)} == mtimes
     assert (run / "seed1" / "eval.json").is_file()
     assert planned_jobs(snakemake("-n")) == {}
@@ -272,3 +274,76 @@ def test_the_debug_launcher_trains_a_pack_as_processes_of_the_calling_one(tmp_pa
     assert [out[d]["epochs"] for d in dirs] == [2, 2]
     assert all(same_weights(d, ref) for d, ref in zip(dirs, solo))
     assert {json.loads((d / "job.json").read_text())["state"] for d in dirs} == {"COMPLETED"}
+
+
+def test_a_seed_owned_by_another_process_is_left_to_it_and_the_others_train(tmp_path, solo):
+    dirs = seeds(tmp_path, 3)
+    with jobs.RunLock(dirs[1]):
+        out = jobs.launch_pack(tmp_path / "pack", dirs, get("debug"), Resources(), "pack")
+    assert same_weights(dirs[0], solo[0]) and same_weights(dirs[2], solo[2])
+    assert isinstance(out[dirs[1]], jobs.JobError) and "already owned by pid" in str(out[dirs[1]])
+    assert not (dirs[1] / "model.pt").exists()
+
+
+def test_a_seed_whose_own_job_may_still_run_is_not_packed_again(tmp_path):
+    from imgclf.launch import register, unregister
+    from imgclf.launch.debug import DebugLauncher
+
+    class Busy(DebugLauncher):
+        name = "busy"
+
+        def state(self, job_ids):
+            return {j: "RUNNING" for j in job_ids}
+
+        def status(self, state):
+            return "running" if state == "RUNNING" else None
+
+    register(Busy())
+    try:
+        dirs = seeds(tmp_path, 2)
+        jobs.write_record(dirs[0], launcher="busy", job_id="99")  # its solo job, still running
+        out = jobs.launch_pack(tmp_path / "pack", dirs, get("busy"), Resources(), "pack")
+    finally:
+        unregister("busy")
+    assert str(out[dirs[0]]) == (f"{tmp_path.name}/seed0: still trained by job 99; wait for it, or stop it with "
+                                 f"`imgclf cancel {dirs[0]}`") and out[dirs[0]].retryable
+    assert not (dirs[0] / "model.pt").exists() and out[dirs[1]]["epochs"] == 2
+
+
+def test_a_member_gets_its_share_of_the_jobs_cpus():
+    from imgclf.launch.pack import member_env
+
+    env = member_env({"SLURM_CPUS_PER_TASK": "12", "PATH": "/bin"}, 3)
+    assert (env["SLURM_CPUS_PER_TASK"], env["IMGCLF_PACK_SIZE"], env["PATH"]) == ("4", "3", "/bin")
+    assert "SLURM_CPUS_PER_TASK" not in member_env({}, 3)
+
+
+def test_sigterm_checkpoints_every_member_writes_no_outcome_and_the_rerun_resumes_them_bit_exactly(tmp_path):
+    """As a scancel or Snakemake's stop reaches the pack: every seed checkpoints and stops, the
+    pack says each was stopped (a failure that can pass), and the next run resumes them."""
+    import threading
+
+    long = {"scheduler.epochs": 12}
+    dirs = seeds(tmp_path / "packed", 3, **long)
+    refs = seeds(tmp_path / "solo", 3, **long)
+
+    def stop_when_started():
+        deadline = time.monotonic() + 300
+        while not all((d / "checkpoint.pt").exists() for d in dirs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_started, daemon=True).start()
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the pack installs its own while it runs
+    try:
+        out = jobs.launch_pack(tmp_path / "pack", dirs, get("debug"), Resources(), "pack")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert all(isinstance(out[d], jobs.JobError) and out[d].state == "PREEMPTED" and out[d].retryable for d in dirs)
+    assert not (tmp_path / "pack" / "pack.json").exists()
+    assert not any((d / "model.pt").exists() for d in dirs)
+    out = jobs.launch_pack(tmp_path / "pack", dirs, get("debug"), Resources(), "pack", attempt=2)
+    for d in refs:
+        train(d, progress=False)
+    for d, ref in zip(dirs, refs):
+        assert out[d]["epochs"] == 12 and same_weights(d, ref), d.name

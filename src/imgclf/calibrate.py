@@ -165,9 +165,9 @@ def worker(job: dict[str, Any]) -> int:
             step()
         sync()
         pace = (time.perf_counter() - t1) / half
-        (folder / f"{n}.pace.{index}.json").write_text(json.dumps({"pace": pace, "warmup_s": t1 - t0}))
+        (folder / f"{n}.pace.{index}.json").write_text(json.dumps({"pace": pace, "warmup_s": t1 - t0}), encoding="utf-8")
         _barrier(folder, f"{n}.timed", index, k)
-        slowest = max(json.loads(p.read_text())["pace"] for p in folder.glob(f"{n}.pace.*.json"))
+        slowest = max(json.loads(p.read_text(encoding="utf-8"))["pace"] for p in folder.glob(f"{n}.pace.*.json"))
         steps = max(1, min(job["steps"], math.floor(job["max_seconds"] / max(slowest, 1e-9))))
         start = time.time()  # wall clock: comparable across the workers
         for _ in range(steps):
@@ -178,7 +178,7 @@ def worker(job: dict[str, Any]) -> int:
         (folder / f"{n}.result.{index}.json").write_text(json.dumps(
             {"start": start, "end": end, "steps": steps, "batch_size": batch,
              "img_per_s": steps * batch / (end - start), "model_config": cfg.to_dict()["model"][spec.family],
-             "dataset": cfg.dataset.name}))
+             "dataset": cfg.dataset.name}), encoding="utf-8")
         del trainer, step
         import gc
 
@@ -190,7 +190,7 @@ def worker(job: dict[str, Any]) -> int:
 
 # --------------------------------------------------------------------------- k workers
 def _aggregate(folder: Path, n: int, spec: str, precision: str, k: int, args) -> dict[str, Any]:
-    results = [json.loads(p.read_text()) for p in sorted(folder.glob(f"{n}.result.*.json"))]
+    results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob(f"{n}.result.*.json"))]
     row: dict[str, Any] = {"model": spec, "precision": precision, "k": k, "warmup": args.warmup}
     if len(results) < k:
         return {**row, "error": f"{len(results)} of {k} workers finished"}

@@ -136,8 +136,13 @@ def _seed_dirs(target: str, runs: str, recipes: str) -> list[Path]:
         table = spec.load(path, recipes)
         return [Path(runs) / r.run_id / f"seed{s}" for r in table.rows if r.run_id for s in r.seeds]
     if not path.is_dir():
-        raise CLIError(f"{target}: not a table spec (.yaml), a run or a seed folder")
-    return [path] if path.name.startswith("seed") else sorted(path.glob("seed*"))
+        raise CLIError(f"{target}: not a table spec (.yaml), a run, a seed or a pack folder")
+    from imgclf.launch import jobs
+
+    packed = (jobs.read_record(path) or {}).get("seeds") if not path.name.startswith("seed") else None
+    if isinstance(packed, list):  # a pack's folder (results/packs/<pack>): the seeds its job trains
+        return [Path(s) for s in packed if isinstance(s, str)]
+    return [path] if path.name.startswith("seed") else sorted(d for d in path.glob("seed*") if d.is_dir())
 
 
 def cmd_cancel(args) -> int:

@@ -227,18 +227,18 @@ def pack_marker(pack_id):
     return str(PACKS_DIR / pack_id / "seeds.json")
 
 
-def reopen_packs(table):
-    """A pack whose marker stands while one of its seeds has no record (deleted, or set aside as
-    corrupt) is opened again: its marker goes, and its job trains only the seeds that lack one."""
-    from imgclf.launch.pack import seed_done
-
-    for pack_id in {PACK_OF[(row.run_id, s)] for row in PLAN.tables[table].rows if row.run_id
-                    for s in row.seeds if (row.run_id, s) in PACK_OF}:
-        marker = Path(pack_marker(pack_id))
-        missing = [f"{run_id}/seed{s}" for run_id, s in PACKS[pack_id] if not seed_done(RUNS_DIR / run_id / f"seed{s}")]
-        if marker.exists() and missing:
-            marker.unlink()
-            print(f"imgclf: {pack_id}: {', '.join(missing)} not done; the pack trains it again", file=sys.stderr)
+def get_pack_inputs(wildcards):
+    """The dataset cache and each seed's folder (or, deleted, the nearest folder above it that
+    exists): a seed deleted or set aside as corrupt after the pack's marker was written makes the
+    marker older than its inputs, so the pack runs again and trains only the seeds without a record."""
+    members = get_pack(wildcards)
+    folders = []
+    for run_id, seed in members:
+        seed_dir = RUNS_DIR / run_id / f"seed{seed}"
+        folder = next((d for d in (seed_dir, seed_dir.parent, RUNS_DIR) if d.is_dir()), None)
+        if folder is not None and str(folder) not in folders:
+            folders.append(str(folder))
+    return [f"resources/cache/{wildcards.dataset}.pt", *folders]
 
 
 def get_table_seeds(wildcards):
@@ -246,7 +246,6 @@ def get_table_seeds(wildcards):
     if wildcards.table not in PLAN.tables:
         raise WorkflowError(f"no table spec config/tables/{wildcards.table}.yaml")
     set_aside_corrupt_records(wildcards.table)
-    reopen_packs(wildcards.table)
     files = PLAN.seed_files(wildcards.table, RUNS_DIR)
     packed = {str(RUNS_DIR / run_id / f"seed{s}" / name): pack for (run_id, s), pack in PACK_OF.items()
               for name in ("result.json", "eval.json")}

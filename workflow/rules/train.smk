@@ -25,10 +25,11 @@ rule train:
 
 # A pack: seeds of runs with seeds_per_gpu k > 1, k side by side in one job (one GPU, or with
 # gpus 0 k times the CPUs), each its own process and run directory (imgclf.launch.pack). Its marker
-# stands for all k; a seed that fails fails the pack, whose re-run trains only the seeds not done.
+# stands for all k; a seed that fails fails the pack, whose re-run trains only the seeds not done
+# (its inputs are the seeds' folders: one deleted or set aside runs the pack again).
 rule train_pack:
     input:
-        "resources/cache/{dataset}.pt",
+        get_pack_inputs,
     output:
         "results/packs/{dataset}-{pack}/seeds.json",
     log:

@@ -7,7 +7,7 @@ import sys
 import traceback
 from pathlib import Path
 
-os.environ.setdefault("IMGCLF_CACHE_DIR", str(Path(snakemake.input[0]).parent.resolve()))
+os.environ.setdefault("IMGCLF_CACHE_DIR", str(Path(snakemake.input[0]).parent.resolve()))  # the dataset cache
 from imgclf.pipeline import PackFailed, train_pack  # noqa: E402
 from imgclf.utils import atomic_write_text  # noqa: E402
 

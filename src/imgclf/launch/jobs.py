@@ -201,24 +201,39 @@ def launch_pack(pack_dir: str | Path, run_dirs: list[Path], launcher, resources,
     label = f"{pack_dir.parent.name}/{pack_dir.name}"
     out: dict[Path, dict[str, Any] | JobError] = {}
     with ExitStack() as locks:
-        for run_dir in run_dirs:
-            locks.enter_context(RunLock(run_dir))
         todo = []
         for run_dir in run_dirs:
-            failure = (read_record(run_dir) or {}).get("failure")
+            try:
+                locks.enter_context(RunLock(run_dir))  # a seed another process owns is left to it
+            except JobError as e:
+                out[run_dir] = e
+                continue
+            record = read_record(run_dir) or {}
+            failure = record.get("failure")
             if seed_done(run_dir):
                 out[run_dir] = _result(run_dir)
             elif attempt > 1 and failure and not failure.get("retryable"):
                 out[run_dir] = JobError(f"{failure['message']} (not retried: {failure['state']} cannot pass on "
                                         "another try)", failure["state"], False)
+            elif (other := _other_job(run_dir, record, pack_dir, launcher)) is not None:
+                out[run_dir] = other
             else:
                 todo.append(run_dir)
         if not todo:
             return out
-        task = PackJob(pack_dir, todo, gpus=resources.gpus)
+        task = PackJob(pack_dir, todo, gpus=resources.gpus, share=resources.gpu_share)
         if not launcher.submits:  # the members are processes of this one
             say(f"{label}: training {len(todo)} seed(s) side by side on this machine (launcher {launcher.name})")
-            seeds = task()
+            previous = signal.getsignal(signal.SIGTERM)
+            main = threading.current_thread() is threading.main_thread()
+            if main:  # Snakemake stops its jobs with SIGTERM: the pack's finally stops its members
+                signal.signal(signal.SIGTERM, signal.default_int_handler)
+            try:
+                seeds = task()
+            finally:
+                if main:
+                    signal.signal(signal.SIGTERM, previous)
+            seeds = _stopped(todo) if seeds.get("preempted") else seeds
             return {**out, **{d: _member_outcome(d, seeds.get(str(d.resolve())), launcher, None) for d in todo}}
         # A re-run re-attaches to the pack's job while it may still run and holds every seed to train.
         record = read_record(pack_dir) or {}
@@ -246,13 +261,31 @@ def launch_pack(pack_dir: str | Path, run_dirs: list[Path], launcher, resources,
                 f"({describe_resources(packed)})")
         try:
             outcome = _wait(pack_dir, label, launcher, job, task, 1, record=False)
-            seeds = outcome.get("seeds", outcome)
-        except JobError as e:  # the job as a whole: every seed it held shares its one line
-            seeds = {str(d.resolve()): {"state": e.state, "message": f"{seed_label(d)}: packed in {e}",
-                                        "retryable": e.retryable} for d in todo}
+            seeds = _stopped(todo) if outcome.get("preempted") else outcome.get("seeds", outcome)
+        except JobError as e:  # the job as a whole: every seed it held and did not finish shares its line
+            seeds = {str(d.resolve()): {"state": "COMPLETED"} if seed_done(d) else
+                     {"state": e.state, "message": f"{seed_label(d)}: packed in {e}", "retryable": e.retryable}
+                     for d in todo}
         for run_dir in todo:
             out[run_dir] = _member_outcome(run_dir, seeds.get(str(run_dir.resolve())), launcher, job)
     return out
+
+
+def _stopped(run_dirs: list[Path]) -> dict[str, dict[str, Any]]:
+    """The outcome of a pack stopped before its end (its seeds checkpointed): each seed stopped."""
+    return {str(d.resolve()): {"state": "STOPPED"} for d in run_dirs}
+
+
+def _other_job(run_dir: Path, record: dict[str, Any], pack_dir: Path, launcher) -> JobError | None:
+    """A seed whose own job (alone, or in another pack) may still run is left to that job: two jobs
+    must never train one run directory."""
+    job_id = record.get("job_id")
+    if not job_id or record.get("launcher") != launcher.name or record.get("pack") == str(pack_dir.resolve()):
+        return None
+    if launcher.status(launcher.state([job_id]).get(job_id, "UNKNOWN")) is None:
+        return None
+    return JobError(f"{seed_label(run_dir)}: still trained by {launcher.job_kind} {job_id}; wait for it, or stop it "
+                    f"with `imgclf cancel {run_dir}`", "LOCKED", True, job_id)
 
 
 def packed_resources(resources, k: int):

@@ -50,20 +50,28 @@ def seed_done(run_dir: str | Path) -> bool:
 class PackJob:
     """The submitted callable of a packed job (picklable: paths and numbers only)."""
 
-    def __init__(self, pack_dir: str | Path, run_dirs: list[str | Path], signal_delay_s: int = 90, gpus: int = 0):
-        self.pack_dir = str(Path(pack_dir).resolve())
-        self.run_dirs = [str(Path(d).resolve()) for d in run_dirs]
-        self.signal_delay_s = signal_delay_s
-        self.gpus = gpus
+    def __init__(self, pack_dir: str | Path, run_dirs: list[str | Path], signal_delay_s: int = 90, gpus: int = 0,
+                 share: str = "", failed: dict[str, Any] | None = None):
+        # Resolved once, on the submitting side: the outcome is keyed by these strings there, and a
+        # compute node may resolve a symlinked path otherwise.
+        self._set(str(Path(pack_dir).resolve()), [str(Path(d).resolve()) for d in run_dirs], signal_delay_s,
+                  gpus, share, dict(failed or {}))
+
+    def _set(self, pack_dir, run_dirs, signal_delay_s, gpus, share, failed):
+        self.pack_dir, self.run_dirs, self.signal_delay_s = pack_dir, run_dirs, signal_delay_s
+        self.gpus, self.share = gpus, share
+        self.failed = failed  # members that failed in an earlier attempt of this job: not trained again
         self._procs: dict[str, subprocess.Popen] = {}
+        self._logs: dict[str, Path] = {}
         self._stopping = False
 
     def __getstate__(self):
         return {"pack_dir": self.pack_dir, "run_dirs": self.run_dirs, "signal_delay_s": self.signal_delay_s,
-                "gpus": self.gpus}
+                "gpus": self.gpus, "share": self.share, "failed": self.failed}
 
     def __setstate__(self, state):
-        self.__init__(**state)
+        self._set(state["pack_dir"], state["run_dirs"], state["signal_delay_s"], state["gpus"],
+                  state.get("share", ""), state.get("failed", {}))
 
     @property
     def outcome_file(self) -> Path:
@@ -75,53 +83,94 @@ class PackJob:
     def __call__(self) -> dict[str, Any]:
         from imgclf.utils import write_json
 
+        self.outcome_file.unlink(missing_ok=True)  # written at the end of this attempt, by it alone
         job_id = _job_id()
         size = len(self.run_dirs)
-        env = {**os.environ, "IMGCLF_PACK_SIZE": str(size), "PYTHONUNBUFFERED": "1"}
-        mps = start_mps(Path(self.pack_dir), job_id, env) if self.gpus else None
-        env["IMGCLF_MPS"] = "1" if mps else "0"
-        outcomes: dict[str, Any] = {}
+        env = member_env(os.environ, size)
+        # A scancel or a preemption signals every process of the job with SIGTERM (submitit lets
+        # it pass this one): the members checkpoint and stop, and no outcome is written, so the
+        # submitting side takes the job's end from the scheduler (CANCELLED, or requeued).
+        previous = signal.signal(signal.SIGTERM, lambda *_: self._stop_members())
+        outcomes: dict[str, Any] = dict(self.failed)
+        mps = None
         try:
-            logs = {}
+            mps = start_mps(job_id, env) if self.gpus and not self.share else None
+            env["IMGCLF_MPS"] = "1" if mps else "0"
             for run_dir in self.run_dirs:
+                if run_dir in outcomes:
+                    continue
                 if seed_done(run_dir):  # finished before a requeue: not trained twice
                     outcomes[run_dir] = {"state": "COMPLETED"}
                     continue
-                logs[run_dir] = Path(run_dir) / "submitit" / f"pack_{job_id}.log"
-                logs[run_dir].parent.mkdir(parents=True, exist_ok=True)
-                with open(logs[run_dir], "ab") as log:
+                self._logs[run_dir] = Path(run_dir) / "submitit" / f"pack_{job_id}.log"
+                self._logs[run_dir].parent.mkdir(parents=True, exist_ok=True)
+                with open(self._logs[run_dir], "ab") as log:
                     self._procs[run_dir] = subprocess.Popen(
-                        [sys.executable, "-m", "imgclf.launch.pack", run_dir, str(size)], env=env,
-                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                        [sys.executable, "-m", "imgclf.launch.pack", run_dir, str(size)], env=env, stdout=log,
+                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
             while any(p.poll() is None for p in self._procs.values()):
                 time.sleep(0.2)  # short sleeps keep the main thread responsive to the job's signals
-            for run_dir, proc in self._procs.items():
-                outcomes[run_dir] = _outcome(proc.returncode, logs[run_dir])
+            outcomes.update(self._ended())
         finally:
+            self._stop_members(wait_s=10.0, kill=True)  # none outlives the pack, however it ends
             if mps:
                 stop_mps(mps)
-        if self._stopping:  # the requeued job writes the outcome
+            signal.signal(signal.SIGTERM, previous)
+        if self._stopping or any(o["state"] == "STOPPED" for o in outcomes.values()):
             return {"preempted": True}
         write_json(self.outcome_file, {"job_id": job_id, "seeds": outcomes})
         return outcomes
 
-    def checkpoint(self, *args, **kwargs):
-        """The job's warning signal (preemption, time limit): every member checkpoints and stops;
-        the same pack is requeued, and its members resume."""
-        import submitit
+    def _ended(self) -> dict[str, Any]:
+        return {d: _outcome(p.returncode, self._logs[d]) for d, p in self._procs.items() if p.returncode is not None}
 
-        self._stopping = True
+    def _stop_members(self, wait_s: float | None = None, kill: bool = False) -> None:
+        """Ask every running member to checkpoint and stop; with ``wait_s``, wait for them that long
+        (and with ``kill``, end those still running)."""
+        self._stopping = self._stopping or not kill
         for proc in self._procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + max(1.0, self.signal_delay_s - 20)
+        if wait_s is None:
+            return
+        deadline = time.monotonic() + wait_s
         for proc in self._procs.values():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                pass  # resumes from its previous checkpoint
+                if kill:
+                    proc.kill()
+                    proc.wait()
+
+    def checkpoint(self, *args, **kwargs):
+        """The job's warning signal (preemption, time limit): every member checkpoints and stops;
+        the same pack is requeued, and its members resume (those that failed are not run again)."""
+        import submitit
+
+        self._stop_members(wait_s=max(1.0, self.signal_delay_s - 20))
+        failed = {d: o for d, o in self._ended().items() if o["state"] == "FAILED"}
         return submitit.helpers.DelayedSubmission(PackJob(self.pack_dir, self.run_dirs, self.signal_delay_s,
-                                                          self.gpus))
+                                                          self.gpus, self.share, {**self.failed, **failed}))
+
+
+def member_env(env, size: int) -> dict[str, str]:
+    """A member's environment: the pack's size, and its share of the job's CPUs (a member's torch
+    threads on a GPU follow SLURM_CPUS_PER_TASK, which the job got k times)."""
+    out = {**env, "IMGCLF_PACK_SIZE": str(size), "PYTHONUNBUFFERED": "1"}
+    cpus = env.get("SLURM_CPUS_PER_TASK", "")
+    if cpus.isdigit():
+        out["SLURM_CPUS_PER_TASK"] = str(max(1, int(cpus) // size))
+    return out
+
+
+def _die_with_parent() -> None:
+    """In a member, before it runs: SIGTERM it (so it checkpoints) if the pack's process dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the pack's finally still stops its members
 
 
 def _job_id() -> str:
@@ -135,19 +184,22 @@ def _outcome(returncode: int, log: Path) -> dict[str, Any]:
         return {"state": "COMPLETED"}
     if returncode == STOPPED_EXIT:
         return {"state": "STOPPED", "log": str(log)}
+    if returncode < 0:  # the log may hold an earlier attempt's error: the signal is this one's cause
+        name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else -returncode
+        return {"state": "FAILED", "cause": f"killed by {name}", "log": str(log)}
     text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
-    cause = exception_line(text) or (f"killed by signal {-returncode}" if returncode < 0
-                                     else f"exit status {returncode}, no error line in its log")
+    cause = exception_line(text) or f"exit status {returncode}, no error line in its log"
     return {"state": "FAILED", "cause": cause, "log": str(log)}
 
 
 # --- CUDA MPS ------------------------------------------------------------------------------------
 
-def start_mps(pack_dir: Path, job_id: str, env: dict[str, str]) -> dict[str, str] | None:
+def start_mps(job_id: str, env: dict[str, str]) -> dict[str, str] | None:
     """Start an MPS control daemon for this job's members (its pipe and log folders are the job's
-    own, so two jobs on one node never share one); None where there is no MPS."""
+    own, so two jobs on one node never share one); None where there is no MPS, or where one already
+    serves the job (SLURM's gres mps sets CUDA_MPS_PIPE_DIRECTORY)."""
     control = shutil.which("nvidia-cuda-mps-control")
-    if not control:
+    if not control or env.get("CUDA_MPS_PIPE_DIRECTORY"):
         return None
     base = Path(os.environ.get("TMPDIR", "/tmp")) / f"imgclf-mps-{job_id}"
     mps_env = {"CUDA_MPS_PIPE_DIRECTORY": str(base / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(base / "log")}
