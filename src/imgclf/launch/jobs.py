@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -224,15 +225,8 @@ def launch_pack(pack_dir: str | Path, run_dirs: list[Path], launcher, resources,
         task = PackJob(pack_dir, todo, gpus=resources.gpus, share=resources.gpu_share)
         if not launcher.submits:  # the members are processes of this one
             say(f"{label}: training {len(todo)} seed(s) side by side on this machine (launcher {launcher.name})")
-            previous = signal.getsignal(signal.SIGTERM)
-            main = threading.current_thread() is threading.main_thread()
-            if main:  # Snakemake stops its jobs with SIGTERM: the pack's finally stops its members
-                signal.signal(signal.SIGTERM, signal.default_int_handler)
-            try:
+            with sigterm_interrupts():  # the pack's finally stops its members
                 seeds = task()
-            finally:
-                if main:
-                    signal.signal(signal.SIGTERM, previous)
             seeds = _stopped(todo) if seeds.get("preempted") else seeds
             return {**out, **{d: _member_outcome(d, seeds.get(str(d.resolve())), launcher, None) for d in todo}}
         # A re-run re-attaches to the pack's job while it may still run and holds every seed to train.
@@ -329,24 +323,32 @@ def describe_resources(res) -> str:
             f"{res.mem_gb:g} GB per task, {res.time_min} min")
 
 
-def _wait(run_dir: Path, label: str, launcher, job, task, tasks: int, record: bool = True) -> dict[str, Any]:
-    previous = signal.getsignal(signal.SIGTERM)
-    main = threading.current_thread() is threading.main_thread()
-    if main:  # Snakemake stops its jobs with SIGTERM: say what keeps running, as for Ctrl-C
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+@contextmanager
+def sigterm_interrupts():
+    """Snakemake stops its jobs with SIGTERM: inside this block (in the main thread) it raises
+    KeyboardInterrupt, as Ctrl-C does, so the caller's clean-up and messages run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        try:
-            result = launcher.wait(job, task, tasks)
-        except Exception as e:  # noqa: BLE001 - described on one line below
-            raise _failure(run_dir, label, launcher, job, e, record) from None
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _wait(run_dir: Path, label: str, launcher, job, task, tasks: int, record: bool = True) -> dict[str, Any]:
+    try:
+        with sigterm_interrupts():  # say what keeps running, as for Ctrl-C
+            try:
+                result = launcher.wait(job, task, tasks)
+            except Exception as e:  # noqa: BLE001 - described on one line below
+                raise _failure(run_dir, label, launcher, job, e, record) from None
     except KeyboardInterrupt:
         still = launcher.interrupted(run_dir, job)
         if still:
             say(f"{label}: {still}")
         raise
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
     if record:
         write_record(run_dir, state="COMPLETED", failure=None)
     return result
