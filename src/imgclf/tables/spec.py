@@ -50,9 +50,14 @@ def _seeds_ok(seeds: Any) -> bool:
         and len(set(seeds)) == len(seeds)
 
 
+# A spec's name or path is echoed whole up to this length (a recipe's absolute path in a deep
+# checkout is longer than a key); longer or multi-line values are cut.
+SHOWN_CHARS = 200
+
+
 def _show(value: Any) -> str:
     """A name from the spec as the message shows it: quoted, or cut when it is not a short string."""
-    return f"'{value}'" if isinstance(value, str) and len(value) <= 60 and "\n" not in value else clip(value)
+    return f"'{value}'" if isinstance(value, str) and len(value) <= SHOWN_CHARS and "\n" not in value else clip(value)
 
 
 class SpecError(ValueError):
